@@ -1,0 +1,61 @@
+"""Node ids and message ids.
+
+A message id is ``NODE.EPOCH.SEQ`` with EPOCH and SEQ in base 36.  It names
+its owner node, and the epoch (bumped by every start of that node id) makes
+sure no id is ever minted twice, not even by a replacement node.  Every
+character is URL-safe, so an id goes into a path as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+NODE_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
+_B36_RE = re.compile(r"\A[0-9a-z]{1,13}\Z")
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def is_valid_node_id(node_id: str) -> bool:
+    return NODE_ID_RE.match(node_id) is not None
+
+
+def node_id_from_hostname(hostname: str) -> str:
+    """The default node id: the host name cut to the allowed characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", hostname.split(".")[0])[:64]
+    return cleaned.strip("-") or "dqid"
+
+
+def to_base36(number: int) -> str:
+    if number < 0:
+        raise ValueError("negative number")
+    digits = []
+    while True:
+        number, rest = divmod(number, 36)
+        digits.append(_DIGITS[rest])
+        if not number:
+            return "".join(reversed(digits))
+
+
+class MessageId(NamedTuple):
+    node: str
+    epoch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.node}.{to_base36(self.epoch)}.{to_base36(self.seq)}"
+
+
+def format_id(node: str, epoch: int, seq: int) -> str:
+    return f"{node}.{to_base36(epoch)}.{to_base36(seq)}"
+
+
+def parse_id(text: str) -> MessageId:
+    """Split a message id; ValueError if it is not one dqid could mint."""
+    parts = text.rsplit(".", 2)
+    if len(parts) != 3:
+        raise ValueError(f"not a dqid message id: {text!r}")
+    node, epoch, seq = parts
+    if not (is_valid_node_id(node) and _B36_RE.match(epoch) and _B36_RE.match(seq)):
+        raise ValueError(f"not a dqid message id: {text!r}")
+    return MessageId(node, int(epoch, 36), int(seq, 36))

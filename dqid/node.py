@@ -1,0 +1,303 @@
+"""One node's queue service: the pure queue driven by a clock.
+
+QueueNode puts the pure :class:`~dqid.queue.WorkQueue` and
+:class:`~dqid.idempotency.IdempotencyIndex` on a clock: it mints message
+ids, runs the one lease timer, parks long polls until work arrives, and runs
+a push through replication (a hook that a standalone node answers at once).
+The web layer calls it; it knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from .idempotency import IdempotencyIndex, body_digest
+from .ids import format_id
+from .queue import PENDING, Message, UnknownMessage, WorkQueue
+
+
+class NotReady(Exception):
+    """The node cannot take writes now (starting, recovering, stopping)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotReplicated(Exception):
+    """Not enough copies of a push could be made in time."""
+
+
+@dataclass(frozen=True)
+class PushItem:
+    body: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ids: list[str]
+    created: bool  # False: an Idempotency-Key retry answered with the first id
+
+
+# replicate(messages) -> fires when enough copies exist, fails otherwise.
+Replicator = Callable[[Sequence[Message]], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    count: int
+    visibility: float
+    deferred: Deferred = field(init=False)
+    timer: IDelayedCall | None = None
+
+
+class QueueNode:
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: str,
+        size: int,
+        clock: IReactorTime,
+        *,
+        epoch: int,
+        visibility: float = 30.0,
+        min_copies: int = 1,
+        idempotency_window: float = 300.0,
+        replicator: Replicator | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.epoch = epoch
+        self.default_visibility = visibility
+        self.min_copies = min_copies
+        self.queue = WorkQueue(size)
+        self.idempotency = IdempotencyIndex(idempotency_window)
+        self.replicator = replicator
+        self.not_ready_reason: str | None = None
+        self._seq = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._lease_timer: IDelayedCall | None = None
+        self._outcomes: dict[str, list[Deferred]] = {}
+
+    # -- readiness -----------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self.not_ready_reason is None
+
+    def set_not_ready(self, reason: str | None) -> None:
+        self.not_ready_reason = reason
+
+    def new_id(self) -> str:
+        self._seq += 1
+        return format_id(self.node_id, self.epoch, self._seq)
+
+    # -- push ----------------------------------------------------------------
+
+    async def push(
+        self, item: PushItem, idempotency_key: str | None = None
+    ) -> PushResult:
+        """Queue one message; with a key, a repeat answers the first id."""
+        if self.not_ready_reason is not None:
+            raise NotReady(self.not_ready_reason)
+        digest = b""
+        if idempotency_key is not None:
+            digest = body_digest(item.body)
+            now = self.clock.seconds()
+            first = self.idempotency.lookup(idempotency_key, digest, now)
+            if first is not None:
+                await self._outcome_of(first)
+                return PushResult([first], created=False)
+        message_id = self.new_id()
+        messages = self.queue.reserve_many(
+            [(message_id, item.body, item.content_type, idempotency_key)]
+        )
+        if idempotency_key is not None:
+            self.idempotency.remember(idempotency_key, digest, message_id)
+        await self._accept(messages)
+        return PushResult([message_id], created=True)
+
+    async def push_many(self, items: Sequence[PushItem]) -> PushResult:
+        """Queue all of ``items`` or none of them."""
+        if self.not_ready_reason is not None:
+            raise NotReady(self.not_ready_reason)
+        entries = [(self.new_id(), i.body, i.content_type, None) for i in items]
+        messages = self.queue.reserve_many(entries)
+        await self._accept(messages)
+        return PushResult([m.id for m in messages], created=True)
+
+    async def _accept(self, messages: list[Message]) -> None:
+        """Replicate pending ``messages``, then make them ready."""
+        if self.replicator is not None:
+            for message in messages:
+                self._outcomes[message.id] = []
+            try:
+                await self.replicator(messages)
+            except BaseException as reason:
+                for message in messages:
+                    self._withdraw(message)
+                    self._settle(message.id, reason)
+                if isinstance(reason, (NotReplicated, NotReady, CancelledError)):
+                    raise
+                raise NotReplicated(str(reason)) from reason
+            for message in messages:
+                self._settle(message.id, None)
+        for message in messages:
+            self.queue.commit(message.id)
+        self._feed_waiters()
+
+    def _withdraw(self, message: Message) -> None:
+        if message.id in self.queue and message.state == PENDING:
+            self.queue.withdraw(message.id)
+        if message.key is not None:
+            self.idempotency.forget(message.key, message.id)
+
+    def _settle(self, message_id: str, reason: BaseException | None) -> None:
+        for waiting in self._outcomes.pop(message_id, []):
+            if reason is None:
+                waiting.callback(None)
+            else:
+                waiting.errback(NotReplicated(str(reason)))
+
+    def _outcome_of(self, message_id: str) -> Deferred:
+        """Fires when ``message_id`` is accepted (at once if it already is)."""
+        if message_id in self._outcomes:
+            waiting: Deferred = Deferred()
+            self._outcomes[message_id].append(waiting)
+            return waiting
+        return succeed(None)
+
+    # -- delivery ------------------------------------------------------------
+
+    def get(self, visibility: float, wait: float = 0.0, count: int = 1) -> Deferred:
+        """Lease up to ``count`` messages; wait up to ``wait`` s for the first.
+
+        Fires with a list, empty when nothing became ready in time.
+        Cancelling the Deferred (client gone) forgets the waiter.
+        """
+        taken = self._take(count, visibility)
+        if taken or wait <= 0 or self.not_ready_reason == "shutting_down":
+            return succeed(taken)
+        waiter = _Waiter(count, visibility)
+        waiter.deferred = Deferred(lambda _d: self._drop_waiter(waiter))
+        waiter.timer = self.clock.callLater(wait, self._wait_over, waiter)
+        self._waiters.append(waiter)
+        return waiter.deferred
+
+    def _take(self, count: int, visibility: float) -> list[Message]:
+        now = self.clock.seconds()
+        taken = []
+        for _ in range(count):
+            message = self.queue.take(now, visibility)
+            if message is None:
+                break
+            taken.append(message)
+        if taken:
+            self._schedule_expiry()
+        return taken
+
+    def _wait_over(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._waiters.remove(waiter)
+        waiter.deferred.callback([])
+
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+
+    def _feed_waiters(self) -> None:
+        while self._waiters and self.queue.ready:
+            waiter = self._waiters.popleft()
+            taken = self._take(waiter.count, waiter.visibility)
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.timer = None
+            waiter.deferred.callback(taken)
+
+    def ack(self, message_id: str) -> Message:
+        message = self.queue.ack(message_id)
+        if message.key is not None:
+            self.idempotency.released(message.key, self.clock.seconds())
+        return message
+
+    def nack(self, message_id: str) -> Message:
+        message = self.queue.nack(message_id)
+        self._feed_waiters()
+        return message
+
+    def touch(self, message_id: str, visibility: float) -> Message:
+        message = self.queue.touch(message_id, self.clock.seconds(), visibility)
+        self._schedule_expiry()
+        return message
+
+    def lookup(self, message_id: str) -> Message:
+        message = self.queue.get(message_id)
+        if message is None or message.state == PENDING:
+            raise UnknownMessage(message_id)
+        return message
+
+    # -- the lease timer -----------------------------------------------------
+
+    def _schedule_expiry(self) -> None:
+        deadline = self.queue.next_deadline()
+        timer = self._lease_timer
+        if deadline is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._lease_timer = None
+            return
+        if timer is not None and timer.active():
+            if timer.getTime() <= deadline:
+                return
+            timer.cancel()
+        delay = max(0.0, deadline - self.clock.seconds())
+        self._lease_timer = self.clock.callLater(delay, self._expire_leases)
+
+    def _expire_leases(self) -> None:
+        self._lease_timer = None
+        if self.queue.expire(self.clock.seconds()):
+            self._feed_waiters()
+        self._schedule_expiry()
+
+    # -- lifecycle and stats -------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop taking work; answer parked long polls with nothing."""
+        self.not_ready_reason = "shutting_down"
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            waiter.timer = None
+            waiter.deferred.callback([])
+        if self._lease_timer is not None and self._lease_timer.active():
+            self._lease_timer.cancel()
+        self._lease_timer = None
+
+    def stats(self) -> dict[str, Any]:
+        queue = self.queue
+        return {
+            "node": self.node_id,
+            "epoch": self.epoch,
+            "ready_to_serve": self.is_ready,
+            "size": queue.size,
+            "depth": queue.depth,
+            "ready": queue.ready,
+            "leased": queue.leased,
+            "pending": queue.pending,
+            "min_copies": self.min_copies,
+            "waiting_gets": len(self._waiters),
+            "counters": queue.counters.as_dict(),
+            "peers": {},
+        }
