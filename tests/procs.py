@@ -1,0 +1,165 @@
+"""Real dqid processes on loopback for tests: start, talk HTTP, signal by PID.
+
+Everything here is synchronous (subprocess + http.client) so a test reads
+top to bottom.  Processes are only ever signalled by their own PID.
+"""
+
+from __future__ import annotations
+
+import http.client as httplib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TWISTD = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> Reply:
+    conn = httplib.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return Reply(
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            response.read(),
+        )
+    finally:
+        conn.close()
+
+
+@dataclass
+class DqidProcess:
+    """One ``twistd -n dqid`` process with its own ports and log file."""
+
+    workdir: Path
+    node_id: str
+    args: list[str] = field(default_factory=list)
+    http_port: int = field(default_factory=free_port)
+    amp_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.node_id}.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        return [
+            TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "dqid",
+            f"--node-id={self.node_id}",
+            f"--http=tcp:{self.http_port}:interface=127.0.0.1",
+            f"--amp=tcp:{self.amp_port}:interface=127.0.0.1",
+            *self.args,
+        ]
+
+    def start(self) -> "DqidProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / f"{self.node_id}.out", "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.workdir, start_new_session=True,
+            )
+        return self
+
+    def http(self, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None, timeout: float = 10.0) -> Reply:
+        return http(self.http_port, method, path, body, headers, timeout)
+
+    def wait_for(self, path: str = "/health", timeout: float = 20.0) -> Reply:
+        """Poll ``path`` until it answers 200; fail with the log if not."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.node_id} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                reply = self.http("GET", path, timeout=2)
+                if reply.status == 200:
+                    return reply
+                last = reply
+            except OSError as error:
+                last = error
+            time.sleep(0.05)
+        raise AssertionError(f"{self.node_id} {path} not 200 in {timeout}s: {last}\n{self.log_tail()}")
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """kill -9 by PID and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not go within 10 s."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        parts = []
+        for path in (self.log_path, self.workdir / f"{self.node_id}.out"):
+            if path.exists():
+                parts.append(path.read_text(errors="replace"))
+        return "\n".join(parts)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def run_dqid(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``twistd -n dqid ARGS`` to completion (for start-up errors)."""
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "dqid", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
