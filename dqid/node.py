@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .idempotency import IdempotencyIndex, body_digest
-from .ids import format_id
+from .ids import format_id, parse_id
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .replica import Record
 
 
 class NotReady(Exception):
@@ -81,7 +85,9 @@ class QueueNode:
         self.queue = WorkQueue(size)
         self.idempotency = IdempotencyIndex(idempotency_window)
         self.replicator = replicator
+        self.cluster: Cluster | None = None
         self.not_ready_reason: str | None = None
+        self.fenced = False
         self._seq = 0
         self._waiters: deque[_Waiter] = deque()
         self._lease_timer: IDelayedCall | None = None
@@ -95,6 +101,34 @@ class QueueNode:
 
     def set_not_ready(self, reason: str | None) -> None:
         self.not_ready_reason = reason
+
+    def readiness(self) -> str | None:
+        """Why this node cannot take writes now, or None when it can."""
+        if self.not_ready_reason is not None:
+            return self.not_ready_reason
+        if self.cluster is not None:
+            return self.cluster.write_reason()
+        return None
+
+    def fence(self, reason: str) -> None:
+        """A newer incarnation of this node id serves: serve nothing more."""
+        self.fenced = True
+        self.not_ready_reason = reason
+        self._answer_all_waiters()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Mint ids in ``epoch`` from now on (after recovery)."""
+        self.epoch = epoch
+        self._seq = 0
+
+    def restore(self, records: Iterable["Record"]) -> None:
+        """Queue recovered messages again: ready, leases void."""
+        for record in records:
+            self.queue.restore(record.id, record.body, record.content_type,
+                               record.key, record.deliveries)
+            if record.key is not None:
+                self.idempotency.remember(record.key, body_digest(record.body), record.id)
+        self._feed_waiters()
 
     def new_id(self) -> str:
         self._seq += 1
@@ -136,6 +170,8 @@ class QueueNode:
 
     async def _accept(self, messages: list[Message]) -> None:
         """Replicate pending ``messages``, then make them ready."""
+        if self.replicator is None and self.cluster is not None:
+            self.replicator = self.cluster.replicate
         if self.replicator is not None:
             for message in messages:
                 self._outcomes[message.id] = []
@@ -177,22 +213,58 @@ class QueueNode:
 
     # -- delivery ------------------------------------------------------------
 
-    def get(self, visibility: float, wait: float = 0.0, count: int = 1) -> Deferred:
+    async def get(self, visibility: float, wait: float = 0.0, count: int = 1) -> list[Any]:
         """Lease up to ``count`` messages; wait up to ``wait`` s for the first.
 
-        Fires with a list, empty when nothing became ready in time.
-        Cancelling the Deferred (client gone) forgets the waiter.
+        Served from this node's queue, else from a peer with ready work.
+        Returns an empty list when nothing became ready in time.  Cancelling
+        (client gone) forgets the waiter.
         """
-        taken = self._take(count, visibility)
-        if taken or wait <= 0 or self.not_ready_reason == "shutting_down":
-            return succeed(taken)
+        deadline = self.clock.seconds() + wait
+        taken: list[Any] = self._take(count, visibility)
+        if not taken and self.cluster is not None:
+            taken = await self.cluster.take_remote(count, visibility)
+            taken = taken or self._take(count, visibility)
+        remaining = deadline - self.clock.seconds()
+        if taken or remaining <= 0 or self.not_ready_reason == "shutting_down":
+            return taken
         waiter = _Waiter(count, visibility)
         waiter.deferred = Deferred(lambda _d: self._drop_waiter(waiter))
-        waiter.timer = self.clock.callLater(wait, self._wait_over, waiter)
+        waiter.timer = self.clock.callLater(remaining, self._wait_over, waiter)
         self._waiters.append(waiter)
-        return waiter.deferred
+        return await waiter.deferred
+
+    def take_own(self, count: int, visibility: float) -> list[Message]:
+        return self._take(count, visibility)
+
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
+    def claim_waiter(self) -> _Waiter | None:
+        """Take the first parked long poll out of line to serve it remotely."""
+        return self._waiters.popleft() if self._waiters else None
+
+    def answer_waiter(self, waiter: _Waiter, taken: list[Any]) -> bool:
+        """Answer a claimed waiter; False (and back in line) if ``taken`` is
+        empty.  Messages for a waiter that went away meanwhile come back
+        when their lease runs out."""
+        if waiter.deferred.called:
+            return bool(taken)
+        if not taken:
+            if waiter.timer is not None and waiter.timer.active():
+                self._waiters.appendleft(waiter)
+            else:
+                waiter.deferred.callback([])
+            return False
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+        waiter.deferred.callback(taken)
+        return True
 
     def _take(self, count: int, visibility: float) -> list[Message]:
+        if self.fenced:
+            return []
         now = self.clock.seconds()
         taken = []
         for _ in range(count):
@@ -206,8 +278,10 @@ class QueueNode:
 
     def _wait_over(self, waiter: _Waiter) -> None:
         waiter.timer = None
-        self._waiters.remove(waiter)
-        waiter.deferred.callback([])
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if not waiter.deferred.called:
+            waiter.deferred.callback([])
 
     def _drop_waiter(self, waiter: _Waiter) -> None:
         if waiter in self._waiters:
@@ -225,7 +299,31 @@ class QueueNode:
             waiter.timer = None
             waiter.deferred.callback(taken)
 
-    def ack(self, message_id: str) -> Message:
+    async def ack(self, message_id: str) -> None:
+        """Ack a message of any owner (the cluster forwards or tombstones)."""
+        try:
+            mid = parse_id(message_id)
+        except ValueError:
+            raise UnknownMessage(message_id) from None
+        if mid.node == self.node_id and self.fenced:
+            raise NotReady(self.not_ready_reason or "fenced")
+        message = self.queue.get(message_id)
+        if message is not None and message.state != PENDING:
+            self.ack_own(message_id)
+        elif self.cluster is not None:
+            await self.cluster.ack_elsewhere(message_id, mid)
+        else:
+            raise UnknownMessage(message_id)
+
+    def ack_own(self, message_id: str) -> Message:
+        """Ack a message of this node's queue and tell the peers."""
+        message = self.forget_acked(message_id)
+        if self.cluster is not None:
+            self.cluster.own_acked(message)
+        return message
+
+    def forget_acked(self, message_id: str) -> Message:
+        """Drop an acked message from this node's queue."""
         message = self.queue.ack(message_id)
         if message.key is not None:
             self.idempotency.released(message.key, self.clock.seconds())
@@ -275,22 +373,28 @@ class QueueNode:
     def shutdown(self) -> None:
         """Stop taking work; answer parked long polls with nothing."""
         self.not_ready_reason = "shutting_down"
+        self._answer_all_waiters()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self._lease_timer is not None and self._lease_timer.active():
+            self._lease_timer.cancel()
+        self._lease_timer = None
+
+    def _answer_all_waiters(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
             waiter.timer = None
             waiter.deferred.callback([])
-        if self._lease_timer is not None and self._lease_timer.active():
-            self._lease_timer.cancel()
-        self._lease_timer = None
 
     def stats(self) -> dict[str, Any]:
         queue = self.queue
         return {
             "node": self.node_id,
             "epoch": self.epoch,
-            "ready_to_serve": self.is_ready,
+            "ready_to_serve": self.readiness() is None,
+            "not_ready_reason": self.readiness(),
             "size": queue.size,
             "depth": queue.depth,
             "ready": queue.ready,
@@ -299,5 +403,5 @@ class QueueNode:
             "min_copies": self.min_copies,
             "waiting_gets": len(self._waiters),
             "counters": queue.counters.as_dict(),
-            "peers": {},
+            "peers": self.cluster.peer_stats() if self.cluster is not None else {},
         }

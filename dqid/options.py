@@ -139,7 +139,7 @@ def _check_endpoint(name: str, description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as error:
+    except Exception as error:  # e.g. ssl: without its certificate file (OSError)
         raise usage.UsageError(
             f"--{name}: {description!r} is not a server endpoint ({error})"
         ) from None

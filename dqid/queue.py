@@ -78,10 +78,11 @@ class WorkQueue:
         if self.size < 1:
             raise ValueError("size must be at least 1")
         self._messages: dict[str, Message] = {}
-        # Ready messages by their place in line; the heap holds places and
-        # may hold stale ones (a ready message acked in place), skipped on pop.
-        self._ready: dict[int, Message] = {}
-        self._ready_heap: list[int] = []
+        # Ready messages by their place in line, (order, id): restored orders
+        # may repeat, ids do not.  The heap holds places and may hold stale
+        # ones (a ready message acked in place), skipped on pop.
+        self._ready: dict[tuple[int, str], Message] = {}
+        self._ready_heap: list[tuple[int, str]] = []
         # (deadline, place) per lease given out; stale entries (touched,
         # acked or nacked leases) are skipped by comparing the deadline.
         self._lease_heap: list[tuple[float, int, str]] = []
@@ -142,10 +143,13 @@ class WorkQueue:
         if len(self._messages) + len(entries) > self.size:
             self.counters.rejected_full += len(entries)
             raise QueueFull(f"queue holds {len(self._messages)} of {self.size}")
+        seen: set[str] = set()
+        for message_id, *_rest in entries:
+            if message_id in self._messages or message_id in seen:
+                raise ValueError(f"duplicate message id {message_id!r}")
+            seen.add(message_id)
         reserved = []
         for message_id, body, content_type, key in entries:
-            if message_id in self._messages:
-                raise ValueError(f"duplicate message id {message_id!r}")
             message = Message(message_id, body, content_type, self._next_order, key)
             self._next_order += 1
             self._messages[message_id] = message
@@ -214,8 +218,8 @@ class WorkQueue:
     def take(self, now: float, visibility: float) -> Message | None:
         """Lease the first ready message for ``visibility`` seconds."""
         while self._ready_heap:
-            order = heapq.heappop(self._ready_heap)
-            message = self._ready.pop(order, None)
+            place = heapq.heappop(self._ready_heap)
+            message = self._ready.pop(place, None)
             if message is None:
                 continue
             message.state = LEASED
@@ -238,7 +242,7 @@ class WorkQueue:
         if message.state == LEASED:
             self._leased -= 1
         else:
-            del self._ready[message.order]
+            del self._ready[message.order, message.id]
         message.state = GONE
         self.counters.acked += 1
         return message
@@ -303,5 +307,5 @@ class WorkQueue:
     def _make_ready(self, message: Message) -> None:
         message.state = READY
         message.deadline = 0.0
-        self._ready[message.order] = message
-        heapq.heappush(self._ready_heap, message.order)
+        self._ready[message.order, message.id] = message
+        heapq.heappush(self._ready_heap, (message.order, message.id))

@@ -12,8 +12,11 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from .amp_protocol import PeerFactory
+from .cluster import Cluster
 from .httpbody import bounded_site
 from .node import QueueNode
+from .peers import peer_client
 from .options import TwistdOptions
 from .web import HttpApi, batch_body_limit
 
@@ -71,14 +74,32 @@ class NodeService(Service):
         return deferLater(self.reactor, SHUTDOWN_GRACE, lambda: None)
 
 
+class ClusterService(Service):
+    """Runs the cluster's heartbeats and recovery with the process."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def startService(self) -> None:
+        super().startService()
+        self.cluster.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.cluster.stop()
+
+
 def makeService(config: Any, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    peers = config["peers"]
     node = QueueNode(
         config["node-id"],
         config["size"],
         reactor,
-        epoch=int(reactor.seconds() * 1000),
+        # A standalone node mints its epoch from the clock; a cluster node
+        # learns it from its peers during recovery.
+        epoch=0 if peers else int(reactor.seconds() * 1000),
         visibility=config["visibility"],
         min_copies=config["min-copies"],
     )
@@ -90,5 +111,11 @@ def makeService(config: Any, reactor: Any = None) -> MultiService:
     )
     top = MultiService()
     NodeService(node, config, reactor).setServiceParent(top)
+    if peers:
+        cluster = Cluster(node, peers, reactor, config["min-copies"])
+        ClusterService(cluster).setServiceParent(top)
+        ListenService("amp", config["amp"], reactor, PeerFactory(cluster)).setServiceParent(top)
+        for peer in peers:
+            peer_client(reactor, cluster, peer).setServiceParent(top)
     ListenService("http", config["http"], reactor, site).setServiceParent(top)
     return top

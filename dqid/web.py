@@ -190,7 +190,7 @@ def decode_batch(raw: bytes, limit: int) -> list[PushItem]:
     """``{"messages": [{"body", "encoding"?, "content_type"?}, ...]}``."""
     try:
         document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("the body must be JSON") from None
     entries = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
@@ -201,6 +201,10 @@ def decode_batch(raw: bytes, limit: int) -> list[PushItem]:
     for index, entry in enumerate(entries):
         items.append(_decode_entry(index, entry, limit))
     return items
+
+
+def _is_header_value(text: str) -> bool:
+    return text.isprintable() and all(ord(c) < 256 for c in text)
 
 
 def _decode_entry(index: int, entry: Any, limit: int) -> PushItem:
@@ -215,8 +219,14 @@ def _decode_entry(index: int, entry: Any, limit: int) -> PushItem:
     content_type = entry.get("content_type")
     if content_type is not None and not isinstance(content_type, str):
         raise bad('"content_type" must be a string')
+    if content_type is not None and not _is_header_value(content_type):
+        # It goes back out as a header of GET /get: latin-1, no controls.
+        raise bad('"content_type" must be printable text that fits a header')
     if encoding is None:
-        body = entry["body"].encode("utf-8")
+        try:
+            body = entry["body"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+            raise bad("the body is not valid Unicode text") from None
     elif encoding == "base64":
         try:
             body = base64.b64decode(entry["body"], validate=True)
@@ -298,6 +308,8 @@ class HttpApi:
 
     @app.route("/get", methods=["GET", "POST"])
     async def get(self, request: IRequest) -> bytes:
+        if request.method == b"HEAD":  # werkzeug adds HEAD; it must not lease
+            raise MethodNotAllowed(valid_methods=["GET", "POST"])
         visibility = number_arg(
             request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
         )
@@ -321,17 +333,17 @@ class HttpApi:
     # -- ack, nack, touch ----------------------------------------------------
 
     @app.route("/ack/<message_id>", methods=["POST"])
-    def ack(self, request: IRequest, message_id: str) -> bytes:
-        self.node.ack(message_id)
+    async def ack(self, request: IRequest, message_id: str) -> bytes:
+        await self.node.ack(message_id)
         request.setResponseCode(204)
         return b""
 
     @app.route("/ack", methods=["POST"])
-    def ack_batch(self, request: IRequest) -> bytes:
+    async def ack_batch(self, request: IRequest) -> bytes:
         raw = read_body(request, batch_body_limit(self.max_message_bytes))
         try:
             ids = json.loads(raw).get("ids")
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
             ids = None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise bad_request('the body must be {"ids": ["...", ...]}')
@@ -340,7 +352,7 @@ class HttpApi:
         acked, unknown = [], []
         for message_id in ids:
             try:
-                self.node.ack(message_id)
+                await self.node.ack(message_id)
             except UnknownMessage:
                 unknown.append(message_id)
             else:
@@ -374,8 +386,7 @@ class HttpApi:
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: IRequest) -> bytes:
-        if self.node.is_ready:
+        reason = self.node.readiness()
+        if reason is None:
             return json_body(request, 200, {"status": "ready"})
-        return json_body(
-            request, 503, {"status": "not_ready", "reason": self.node.not_ready_reason}
-        )
+        return json_body(request, 503, {"status": "not_ready", "reason": reason})

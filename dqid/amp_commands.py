@@ -1,0 +1,178 @@
+"""The AMP commands dqid nodes speak to each other (protocol version 1).
+
+Every connection starts with :class:`Hello`; after it, either side may call
+any command on it.  Byte payloads (records, tombstones) may exceed AMP's
+65,535-byte value limit, so they travel as :class:`Chunked`.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+PROTOCOL_MIN = 1
+PROTOCOL_MAX = 1
+
+CHUNK = amp.MAX_VALUE_LENGTH
+
+
+class Chunked(amp.Argument):
+    """Bytes of any length, split over keys ``name``, ``name.1``, ...
+
+    ``name`` holds the number of chunks; each chunk is at most one AMP value.
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects[amp._wireNameToPythonIdentifier(name)]
+        chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
+        strings[name] = b"%d" % len(chunks)
+        for index, chunk in enumerate(chunks):
+            strings[b"%s.%d" % (name, index + 1)] = chunk
+
+    def fromBox(self, name, strings, objects, proto):
+        count = int(strings[name])
+        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(
+            strings[b"%s.%d" % (name, index + 1)] for index in range(count)
+        )
+
+
+class ClusterMismatch(Exception):
+    """The two nodes were not configured with the same set of node ids."""
+
+
+class NoCommonVersion(Exception):
+    """The two nodes share no protocol version."""
+
+
+class StaleEpoch(Exception):
+    """The caller is an older incarnation of its node id: it is fenced."""
+
+
+class NotHolder(Exception):
+    """The callee cannot serve this now (recovering, fenced, stopping)."""
+
+
+class UnknownSync(Exception):
+    """The sync session expired or never existed; start again."""
+
+
+COMMON_ERRORS = {
+    StaleEpoch: b"STALE_EPOCH",
+    NotHolder: b"NOT_HOLDER",
+}
+
+
+class Hello(amp.Command):
+    """First call on a connection: versions, ids, cluster membership, epoch.
+
+    ``epoch`` 0 means the caller is still recovering and has none yet.
+    """
+
+    arguments = [
+        (b"version_min", amp.Integer()),
+        (b"version_max", amp.Integer()),
+        (b"node", amp.Unicode()),
+        (b"epoch", amp.Integer()),
+        (b"cluster", amp.ListOf(amp.Unicode())),
+    ]
+    response = [
+        (b"version", amp.Integer()),
+        (b"node", amp.Unicode()),
+        (b"epoch", amp.Integer()),
+        (b"serving", amp.Boolean()),
+    ]
+    errors = {
+        ClusterMismatch: b"CLUSTER_MISMATCH",
+        NoCommonVersion: b"NO_COMMON_VERSION",
+        **COMMON_ERRORS,
+    }
+
+
+class Announce(amp.Command):
+    """The caller finished recovery and serves with ``epoch`` from now on."""
+
+    arguments = [(b"node", amp.Unicode()), (b"epoch", amp.Integer())]
+    response: list = []
+    errors = dict(COMMON_ERRORS)
+
+
+class Heartbeat(amp.Command):
+    """Liveness both ways, with each side's count of ready messages."""
+
+    arguments = [
+        (b"node", amp.Unicode()),
+        (b"epoch", amp.Integer()),
+        (b"ready", amp.Integer()),
+        (b"serving", amp.Boolean()),
+    ]
+    response = [
+        (b"epoch", amp.Integer()),
+        (b"ready", amp.Integer()),
+        (b"serving", amp.Boolean()),
+    ]
+    errors = dict(COMMON_ERRORS)
+
+
+class Replicate(amp.Command):
+    """Hold copies of the caller's new messages (one call per reactor turn).
+
+    ``held`` is False when the callee stored them but may not count as a
+    holder yet (it is recovering).
+    """
+
+    arguments = [
+        (b"owner", amp.Unicode()),
+        (b"epoch", amp.Integer()),
+        (b"records", Chunked()),
+    ]
+    response = [(b"held", amp.Boolean())]
+    errors = dict(COMMON_ERRORS)
+
+
+class Forget(amp.Command):
+    """Merge these tombstones (acks and withdrawn pushes, any owner)."""
+
+    arguments = [(b"tombstones", Chunked())]
+    response: list = []
+    errors = dict(COMMON_ERRORS)
+
+
+class Ack(amp.Command):
+    """Acks forwarded to the owner of ``ids``."""
+
+    arguments = [(b"ids", amp.ListOf(amp.Unicode()))]
+    response = [
+        (b"acked", amp.ListOf(amp.Unicode())),
+        (b"unknown", amp.ListOf(amp.Unicode())),
+    ]
+    errors = dict(COMMON_ERRORS)
+
+
+class Take(amp.Command):
+    """Lease up to ``count`` of the callee's own ready messages."""
+
+    arguments = [(b"count", amp.Integer()), (b"visibility", amp.Float())]
+    response = [(b"records", Chunked())]
+    errors = dict(COMMON_ERRORS)
+
+
+class SyncStart(amp.Command):
+    """Begin a state transfer: the callee's tombstones and known epochs now,
+    and a token to page through every record it holds (its own queue and
+    its replicas of every peer)."""
+
+    arguments: list = []
+    response = [
+        (b"token", amp.Unicode()),
+        (b"tombstones", Chunked()),
+        (b"epochs", Chunked()),
+        (b"total", amp.Integer()),
+    ]
+    errors = dict(COMMON_ERRORS)
+
+
+class SyncPage(amp.Command):
+    """The next page of records of a sync session."""
+
+    arguments = [(b"token", amp.Unicode())]
+    response = [(b"records", Chunked()), (b"more", amp.Boolean())]
+    errors = {UnknownSync: b"UNKNOWN_SYNC", **COMMON_ERRORS}

@@ -1,0 +1,133 @@
+"""What a node holds of its peers' queues: records and tombstones.
+
+Pure state.  The store only ever merges: records by union, tombstones by
+union, and a tombstone always wins (a tombstoned record is dropped and never
+comes back).  So replay, retries, anti-entropy and state transfer are safe
+in any order.  The store also remembers the highest epoch seen per owner,
+which is how a stale twin of a node id is fenced off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol
+
+from .ids import parse_id
+from .tombstones import Tombstones
+
+
+class MessageLike(Protocol):
+    id: str
+    body: bytes
+    content_type: str | None
+    key: str | None
+    deliveries: int
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """One message as it travels between nodes and sits in a replica."""
+
+    id: str
+    body: bytes
+    content_type: str | None = None
+    key: str | None = None
+    deliveries: int = 0
+
+    @property
+    def owner(self) -> str:
+        return parse_id(self.id).node
+
+
+class ReplicaStore:
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, Record]] = {}
+        self.tombstones = Tombstones()
+        self.epochs: dict[str, int] = {}
+
+    # -- reading -------------------------------------------------------------
+
+    def held(self, owner: str) -> int:
+        return len(self._records.get(owner, ()))
+
+    def owners(self) -> list[str]:
+        return sorted(self._records)
+
+    def records(self, owner: str | None = None) -> Iterator[Record]:
+        if owner is not None:
+            return iter(list(self._records.get(owner, {}).values()))
+        return iter([r for by_id in self._records.values() for r in by_id.values()])
+
+    def get(self, message_id: str) -> Record | None:
+        owner = parse_id(message_id).node
+        return self._records.get(owner, {}).get(message_id)
+
+    def is_tombstoned(self, message_id: str) -> bool:
+        return parse_id(message_id) in self.tombstones
+
+    def live_ids(self) -> set[str]:
+        return {i for by_id in self._records.values() for i in by_id}
+
+    # -- merging -------------------------------------------------------------
+
+    def add(self, record: Record) -> bool:
+        """Hold ``record`` unless it is tombstoned; True if it is new."""
+        mid = parse_id(record.id)
+        # Note the epoch even for a tombstoned record, so what is known does
+        # not depend on whether the record or its tombstone came first.
+        self.note_epoch(mid.node, mid.epoch)
+        if mid in self.tombstones:
+            return False
+        by_id = self._records.setdefault(mid.node, {})
+        if record.id in by_id:
+            return False
+        by_id[record.id] = record
+        return True
+
+    def add_many(self, records: Iterable[Record]) -> list[Record]:
+        return [r for r in records if self.add(r)]
+
+    def tombstone(self, message_id: str) -> Record | None:
+        """Mark ``message_id`` gone; the record it drops, if held."""
+        mid = parse_id(message_id)
+        self.tombstones.add(mid.node, mid.epoch, mid.seq)
+        return self._drop(mid.node, message_id)
+
+    def merge_tombstones(self, other: Tombstones) -> list[Record]:
+        """Union ``other`` in; the records it drops."""
+        self.tombstones.merge(other)
+        dropped = []
+        for owner, by_id in list(self._records.items()):
+            for message_id in list(by_id):
+                if parse_id(message_id) in self.tombstones:
+                    record = self._drop(owner, message_id)
+                    if record is not None:
+                        dropped.append(record)
+        return dropped
+
+    def merge(self, other: "ReplicaStore") -> None:
+        """Union of two stores (what anti-entropy converges to)."""
+        self.add_many(other.records())
+        self.tombstones.merge(other.tombstones)
+        for owner, epoch in other.epochs.items():
+            self.note_epoch(owner, epoch)
+
+    def note_epoch(self, owner: str, epoch: int) -> int:
+        """Remember ``epoch`` for ``owner``; the highest known."""
+        known = self.epochs.get(owner, 0)
+        if epoch > known:
+            self.epochs[owner] = known = epoch
+        return known
+
+    def take_owner(self, owner: str) -> list[Record]:
+        """Remove and return every record of ``owner`` (it is ours now)."""
+        return list(self._records.pop(owner, {}).values())
+
+    def _drop(self, owner: str, message_id: str) -> Record | None:
+        by_id = self._records.get(owner)
+        if not by_id:
+            return None
+        record = by_id.pop(message_id, None)
+        if not by_id:
+            del self._records[owner]
+        return record

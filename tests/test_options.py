@@ -1,0 +1,176 @@
+"""Command-line options (dqid.options) against DESIGN.md's "Command line".
+
+Defaults follow the table there; every bad option is a ``UsageError`` naming
+the option, and under twistd (``TwistdOptions``) it ends the process with
+exit code 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from twisted.python import usage
+
+from dqid.ids import is_valid_node_id
+from dqid.options import Options, PeerAddress, TwistdOptions
+
+
+def parsed(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def refused(*args: str) -> str:
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(*args)
+    return str(caught.value)
+
+
+# -- defaults -------------------------------------------------------------------
+
+
+def test_defaults_match_the_design_table():
+    options = parsed("--node-id=n1")
+    assert options["size"] == 1000
+    assert options["http"] == "tcp:8080:interface=127.0.0.1"
+    assert options["amp"] == "tcp:8081:interface=127.0.0.1"
+    assert options["peers"] == []
+    assert options["min-copies"] == 1  # every configured node: just this one
+    assert options["visibility"] == 30
+    assert options["max-message-bytes"] == 262144
+
+
+def test_node_id_defaults_to_the_host_name(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-7.example.com")
+    assert parsed()["node-id"] == "worker-7"
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    ["plain", "db_1.internal", "my host!", "é" * 10, "x" * 100, "-" * 80, ".", "",
+     "a" * 63 + "-b", "_"],
+)
+def test_the_default_node_id_is_always_valid(monkeypatch, hostname):
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    assert is_valid_node_id(parsed()["node-id"])
+
+
+def test_given_values_are_converted():
+    options = parsed(
+        "--size=5", "--node-id=a_B-9", "--visibility=2.5", "--max-message-bytes=10",
+        "--http=tcp:0:interface=127.0.0.1", "--amp=tcp:0:interface=127.0.0.1",
+    )
+    assert options["size"] == 5
+    assert options["node-id"] == "a_B-9"
+    assert options["visibility"] == 2.5
+    assert options["max-message-bytes"] == 10
+
+
+def test_node_id_of_64_characters_is_accepted():
+    assert parsed("--node-id=" + "a" * 64)["node-id"] == "a" * 64
+
+
+# -- peers and min-copies -----------------------------------------------------------
+
+
+def test_peers_are_collected_and_min_copies_defaults_to_every_node():
+    options = parsed("--node-id=n1", "--peer=n2=10.0.0.2:8081", "--peer=n3=[::1]:9000")
+    assert options["peers"] == [
+        PeerAddress("n2", "10.0.0.2", 8081), PeerAddress("n3", "::1", 9000),
+    ]
+    assert options["min-copies"] == 3
+
+
+@pytest.mark.parametrize("copies", ["1", "2", "3"])
+def test_min_copies_up_to_the_number_of_nodes(copies):
+    options = parsed("--node-id=n1", "--peer=n2=h:1", "--peer=n3=h:2",
+                     f"--min-copies={copies}")
+    assert options["min-copies"] == int(copies)
+
+
+def test_min_copies_above_the_number_of_nodes_is_refused():
+    assert "--min-copies" in refused("--node-id=n1", "--peer=n2=h:1", "--min-copies=3")
+    assert "--min-copies" in refused("--node-id=n1", "--min-copies=2")
+
+
+# -- bad options ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--size=0"], "--size"),
+        (["--size=-3"], "--size"),
+        (["--size=abc"], "--size"),
+        (["--size=1.5"], "--size"),
+        (["--visibility=0"], "--visibility"),
+        (["--visibility=-1"], "--visibility"),
+        (["--visibility=99999"], "--visibility"),
+        (["--visibility=nan"], "--visibility"),
+        (["--visibility=soon"], "--visibility"),
+        (["--max-message-bytes=0"], "--max-message-bytes"),
+        (["--min-copies=0"], "--min-copies"),
+        (["--min-copies=two"], "--min-copies"),
+        (["--node-id=bad id"], "--node-id"),
+        (["--node-id=dot.ted"], "--node-id"),
+        (["--node-id=sl/ash"], "--node-id"),
+        (["--node-id=" + "a" * 65], "--node-id"),
+        (["--node-id="], "--node-id"),
+        (["--peer=nonsense"], "--peer"),
+        (["--peer=n2"], "--peer"),
+        (["--peer=n2=host"], "--peer"),
+        (["--peer=n2=:8081"], "--peer"),
+        (["--peer=n2=host:0"], "--peer"),
+        (["--peer=n2=host:65536"], "--peer"),
+        (["--peer=n2=host:http"], "--peer"),
+        (["--peer=bad id=host:1"], "--peer"),
+        (["--peer==host:1"], "--peer"),
+        (["--peer=n2=h:1", "--peer=n2=g:2"], "--peer"),
+        (["--node-id=me", "--peer=me=h:1"], "--peer"),
+        (["--http=nonsense"], "--http"),
+        (["--http=tcp:notaport"], "--http"),
+        (["--http=tcp:80:bogus=1"], "--http"),
+        (["--http="], "--http"),
+        (["--http=ssl:8443:privateKey=/nonexistent/dqid.pem"], "--http"),
+        (["--amp=nonsense"], "--amp"),
+        (["--amp=tcp:"], "--amp"),
+        (["--no-such-option"], "no-such-option"),
+    ],
+)
+def test_bad_options_are_usage_errors_naming_the_option(args, option):
+    assert option in refused("--node-id=n1", *args)
+
+
+def test_stray_arguments_are_refused():
+    assert "extra" in refused("--node-id=n1", "extra")
+
+
+# -- under twistd ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [(["--size=abc"], "--size"), (["--peer=nonsense"], "--peer"),
+     (["--http=nonsense"], "--http"), (["--min-copies=2"], "--min-copies")],
+)
+def test_twistd_options_exit_2_with_one_line(capsys, args, option):
+    with pytest.raises(SystemExit) as caught:
+        TwistdOptions().parseOptions(["--node-id=n1", *args])
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("dqid: ")
+    assert option in lines[0]
+    assert "Traceback" not in captured.err
+    assert "Parameter type enforcement failed" not in captured.err
+
+
+def test_twistd_options_accept_good_options(capsys):
+    options = TwistdOptions()
+    options.parseOptions(["--node-id=n1", "--size=7"])
+    assert options["size"] == 7
+    assert capsys.readouterr().err == ""
