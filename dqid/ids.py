@@ -58,4 +58,8 @@ def parse_id(text: str) -> MessageId:
     node, epoch, seq = parts
     if not (is_valid_node_id(node) and _B36_RE.match(epoch) and _B36_RE.match(seq)):
         raise ValueError(f"not a dqid message id: {text!r}")
-    return MessageId(node, int(epoch, 36), int(seq, 36))
+    mid = MessageId(node, int(epoch, 36), int(seq, 36))
+    if to_base36(mid.epoch) != epoch or to_base36(mid.seq) != seq:
+        # One spelling per id: no leading zeros, so copies never diverge.
+        raise ValueError(f"not a dqid message id: {text!r}")
+    return mid

@@ -107,8 +107,8 @@ class ReplicaStore:
 
     def merge(self, other: "ReplicaStore") -> None:
         """Union of two stores (what anti-entropy converges to)."""
+        self.merge_tombstones(other.tombstones)
         self.add_many(other.records())
-        self.tombstones.merge(other.tombstones)
         for owner, epoch in other.epochs.items():
             self.note_epoch(owner, epoch)
 
