@@ -147,6 +147,16 @@ class Ack(amp.Command):
     errors = dict(COMMON_ERRORS)
 
 
+class Lease(amp.Command):
+    """Change the lease of one of the callee's own messages: ``visibility``
+    0 makes it ready now (nack), more extends the lease (touch).
+    ``outcome`` is "ok", "unknown" or "not_leased"."""
+
+    arguments = [(b"id", amp.Unicode()), (b"visibility", amp.Float())]
+    response = [(b"outcome", amp.Unicode())]
+    errors = dict(COMMON_ERRORS)
+
+
 class Take(amp.Command):
     """Lease up to ``count`` of the callee's own ready messages."""
 

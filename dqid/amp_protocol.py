@@ -83,6 +83,11 @@ class PeerProtocol(amp.AMP):
         acked, unknown = self.cluster.on_ack(ids)
         return {"acked": acked, "unknown": unknown}
 
+    @cmd.Lease.responder
+    def lease(self, id: str, visibility: float) -> dict:
+        self._from_peer()
+        return {"outcome": self.cluster.on_lease(id, visibility)}
+
     @cmd.Take.responder
     def take(self, count: int, visibility: float) -> dict:
         self._from_peer()

@@ -34,7 +34,7 @@ from .ids import MessageId, parse_id
 from .node import NotReady, NotReplicated, QueueNode
 from .options import PeerAddress
 from .peers import DEAD_AFTER, HEARTBEAT_INTERVAL, Peer
-from .queue import PENDING, Message, UnknownMessage
+from .queue import PENDING, Message, NotLeased, UnknownMessage
 from .replica import Record, ReplicaStore
 from .tombstones import Tombstones
 from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
@@ -502,6 +502,35 @@ class Cluster:
         if self.store.get(message_id) is None:
             raise UnknownMessage(message_id)
         self._tombstone(message_id)
+
+    async def lease_elsewhere(self, message_id: str, mid: MessageId,
+                              visibility: float) -> None:
+        """Nack (``visibility`` 0) or touch a message owned by a peer."""
+        owner = self.peers.get(mid.node)
+        if owner is None or self.store.is_tombstoned(message_id):
+            raise UnknownMessage(message_id)
+        link = owner.link()
+        if link is None or not owner.serving or not owner.is_connected(self._now()):
+            raise NotReady(f"the owner of {message_id} ({mid.node}) is unreachable")
+        try:
+            answer = await self._call(link, cmd.Lease, id=message_id, visibility=visibility)
+        except Exception as error:
+            raise NotReady(f"the owner of {message_id} did not answer: {error}") from None
+        if answer["outcome"] == "unknown":
+            raise UnknownMessage(message_id)
+        if answer["outcome"] == "not_leased":
+            raise NotLeased(message_id)
+
+    def on_lease(self, message_id: str, visibility: float) -> str:
+        if not self.serving:
+            raise cmd.NotHolder(self.node.not_ready_reason or "not serving")
+        try:
+            self.node.change_own_lease(message_id, visibility)
+        except UnknownMessage:
+            return "unknown"
+        except NotLeased:
+            return "not_leased"
+        return "ok"
 
     def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
         if not self.serving:

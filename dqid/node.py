@@ -329,14 +329,34 @@ class QueueNode:
             self.idempotency.released(message.key, self.clock.seconds())
         return message
 
-    def nack(self, message_id: str) -> Message:
-        message = self.queue.nack(message_id)
-        self._feed_waiters()
-        return message
+    async def nack(self, message_id: str) -> None:
+        """Make a leased message of any owner ready again now."""
+        await self._change_lease(message_id, 0.0)
 
-    def touch(self, message_id: str, visibility: float) -> Message:
-        message = self.queue.touch(message_id, self.clock.seconds(), visibility)
-        self._schedule_expiry()
+    async def touch(self, message_id: str, visibility: float) -> None:
+        """Extend the lease of a message of any owner."""
+        await self._change_lease(message_id, visibility)
+
+    async def _change_lease(self, message_id: str, visibility: float) -> None:
+        try:
+            mid = parse_id(message_id)
+        except ValueError:
+            raise UnknownMessage(message_id) from None
+        if mid.node == self.node_id or self.cluster is None:
+            if self.fenced:
+                raise NotReady(self.not_ready_reason or "fenced")
+            self.change_own_lease(message_id, visibility)
+        else:
+            await self.cluster.lease_elsewhere(message_id, mid, visibility)
+
+    def change_own_lease(self, message_id: str, visibility: float) -> Message:
+        """Nack (``visibility`` 0) or touch a message of this node's queue."""
+        if visibility <= 0:
+            message = self.queue.nack(message_id)
+            self._feed_waiters()
+        else:
+            message = self.queue.touch(message_id, self.clock.seconds(), visibility)
+            self._schedule_expiry()
         return message
 
     def lookup(self, message_id: str) -> Message:

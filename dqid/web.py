@@ -360,17 +360,17 @@ class HttpApi:
         return json_body(request, 200, {"acked": acked, "unknown": unknown})
 
     @app.route("/nack/<message_id>", methods=["POST"])
-    def nack(self, request: IRequest, message_id: str) -> bytes:
-        self.node.nack(message_id)
+    async def nack(self, request: IRequest, message_id: str) -> bytes:
+        await self.node.nack(message_id)
         request.setResponseCode(204)
         return b""
 
     @app.route("/touch/<message_id>", methods=["POST"])
-    def touch(self, request: IRequest, message_id: str) -> bytes:
+    async def touch(self, request: IRequest, message_id: str) -> bytes:
         visibility = number_arg(
             request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
         )
-        self.node.touch(message_id, visibility)
+        await self.node.touch(message_id, visibility)
         request.setResponseCode(204)
         return b""
 

@@ -150,3 +150,38 @@ def test_push_that_times_out_is_withdrawn_from_every_holder(pool) -> None:
     assert cluster.held_everywhere("a") == {"b": 0, "c": 0}
     kept = push_ok(cluster, "a", b"kept")
     assert set(cluster.drain()) == {kept}
+
+
+def test_lease_changes_and_long_polls_work_through_any_node(pool) -> None:
+    import threading
+    import time
+
+    cluster = LocalCluster(pool).start()
+    message_id = push_ok(cluster, "a", b"lease me")
+    got = cluster["b"].http("GET", "/get?visibility=30")
+    assert got.headers["dqid-id"] == message_id
+    assert cluster["c"].http("POST", f"/touch/{message_id}?visibility=60").status == 204
+    assert cluster["b"].http("POST", f"/nack/{message_id}").status == 204
+    assert cluster.stats("a")["ready"] == 1
+    again = cluster["c"].http("GET", "/get")
+    assert (again.headers["dqid-id"], again.headers["dqid-deliveries"]) == (message_id, "2")
+    assert cluster["c"].http("POST", f"/ack/{message_id}").status == 204
+    assert cluster["b"].http("POST", f"/touch/{message_id}").status == 404
+
+    # A long poll parked on c is answered by a push that lands on a.
+    answer: dict = {}
+
+    def long_poll() -> None:
+        started = time.monotonic()
+        reply = cluster["c"].http("GET", "/get?wait=15", timeout=20)
+        answer.update(status=reply.status, body=reply.body,
+                      waited=time.monotonic() - started)
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    cluster.wait_until(lambda: cluster.stats("c")["waiting_gets"] == 1, what="parked poll")
+    pushed_at = time.monotonic()
+    push_ok(cluster, "a", b"wake up")
+    poller.join(20)
+    assert answer["status"] == 200 and answer["body"] == b"wake up"
+    assert time.monotonic() - pushed_at < 3
