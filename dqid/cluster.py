@@ -45,6 +45,8 @@ SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
 SYNC_SESSION_IDLE = 60.0
 RESYNC_DELAY = 1.0
+# A recovering node waits up to this long for every peer to sync.
+RECOVERY_GRACE = 2.0
 
 
 @dataclass(eq=False)
@@ -97,18 +99,23 @@ class Cluster:
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._feeding = False
+        self._started = clock.seconds()
+        self._grace_timer: IDelayedCall | None = None
         node.cluster = self
         node.set_not_ready(self._recovery_reason())
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        self._started = self._now()
         self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
         self._maybe_finish_recovery()
 
     def stop(self) -> None:
         if self._heartbeat.running:
             self._heartbeat.stop()
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
         for session in self._sessions.values():
             if session.timer is not None and session.timer.active():
                 session.timer.cancel()
@@ -157,14 +164,15 @@ class Cluster:
         return d
 
     def say_hello(self, link: PeerProtocol) -> None:
+        epoch = self.epoch
         d = self._call(
             link, cmd.Hello, version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
-            node=self.me, epoch=self.epoch, cluster=self.members,
+            node=self.me, epoch=epoch, cluster=self.members,
         )
         d.addCallbacks(self._hello_answered, self._hello_failed,
-                       callbackArgs=(link,), errbackArgs=(link,))
+                       callbackArgs=(link, epoch), errbackArgs=(link,))
 
-    def _hello_answered(self, answer: dict, link: PeerProtocol) -> None:
+    def _hello_answered(self, answer: dict, link: PeerProtocol, sent_epoch: int = 0) -> None:
         if answer["node"] != link.dialled:
             self.log.error(
                 "peer at {address} says it is {node}, not {expected}; check --peer",
@@ -180,6 +188,11 @@ class Cluster:
             return
         link.version = answer["version"]
         self._link_up(link, answer["node"], epoch, answer["serving"])
+        if self.serving and self.epoch != sent_epoch:
+            # Recovery finished while this Hello was in flight, so the
+            # Announce of _finish_recovery missed this link: announce now.
+            d = self._call(link, cmd.Announce, node=self.me, epoch=self.epoch)
+            d.addErrback(self._call_failed, "announce", self.peers[answer["node"]])
 
     def _hello_failed(self, failure: Failure, link: PeerProtocol) -> None:
         if failure.check(cmd.StaleEpoch):
@@ -513,7 +526,8 @@ class Cluster:
         if link is None or not owner.serving or not owner.is_connected(self._now()):
             raise NotReady(f"the owner of {message_id} ({mid.node}) is unreachable")
         try:
-            answer = await self._call(link, cmd.Lease, id=message_id, visibility=visibility)
+            answer = await self._call(link, cmd.Lease, id=message_id,
+                                      visibility=float(visibility))
         except Exception as error:
             raise NotReady(f"the owner of {message_id} did not answer: {error}") from None
         if answer["outcome"] == "unknown":
@@ -565,7 +579,9 @@ class Cluster:
         if link is None:
             return []
         try:
-            answer = await self._call(link, cmd.Take, count=count, visibility=visibility)
+            # amp.Float refuses an int ("Bad float value"): coerce here.
+            answer = await self._call(link, cmd.Take, count=count,
+                                      visibility=float(visibility))
         except Exception as error:
             self.log.debug("take from {peer} failed: {error}", peer=peer.node_id, error=error)
             return []
@@ -644,10 +660,9 @@ class Cluster:
 
     def _merge_epochs(self, epochs: dict[str, int]) -> None:
         for owner, epoch in epochs.items():
-            if owner == self.me:
-                if self.serving and epoch > self.node.epoch:
-                    self._fence(f"epoch {epoch} of {self.me} exists")
-                continue
+            if owner == self.me and self.serving and epoch > self.node.epoch:
+                self._fence(f"epoch {epoch} of {self.me} exists")
+            # Our own too: recovery must pick an epoch above every one seen.
             self.store.note_epoch(owner, int(epoch))
 
     def _merge_records(self, records: Iterable[Record]) -> int:
@@ -721,16 +736,35 @@ class Cluster:
     # -- recovery ------------------------------------------------------------
 
     def _maybe_finish_recovery(self) -> None:
+        """Serve once enough peers are synced.
+
+        ``syncs_needed`` serving peers have seen every accepted message, but
+        a withdrawn push's tombstone may be missing on one of them; so,
+        within ``RECOVERY_GRACE`` of start, also wait for every peer that is
+        up, whose tombstones then win.
+        """
         if not self.recovering:
             return
         serving_synced = sum(1 for p in self.peers.values() if p.synced_serving)
         all_synced = all(p.synced for p in self.peers.values())
-        if serving_synced >= self.syncs_needed or all_synced:
-            self._finish_recovery()
-        else:
+        if not all_synced and serving_synced < self.syncs_needed:
             self.node.set_not_ready(self._recovery_reason())
+            return
+        waited = self._now() - self._started
+        if not all_synced and waited < RECOVERY_GRACE:
+            self.node.set_not_ready(
+                self._recovery_reason() + "; waiting briefly for the other peers"
+            )
+            if self._grace_timer is None or not self._grace_timer.active():
+                self._grace_timer = self.clock.callLater(
+                    RECOVERY_GRACE - waited, self._maybe_finish_recovery
+                )
+            return
+        self._finish_recovery()
 
     def _finish_recovery(self) -> None:
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
         known = self.store.epochs.get(self.me, 0)
         epoch = max(known + 1, int(self._now() * 1000))
         self.store.note_epoch(self.me, epoch)

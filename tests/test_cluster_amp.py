@@ -1,0 +1,692 @@
+"""The cluster layer over real AMP (DESIGN.md, "Promises" and "Replication").
+
+Every test builds 2 or 3 nodes in memory (see :mod:`tests.amp_harness`): a
+QueueNode and a Cluster per node, one shared Clock, and PeerProtocol pairs
+over iosim fake transports.  Time only moves when a test moves it, so every
+assertion about "within a second" or "after the timeout" is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from twisted.logger import LogLevel
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from dqid import amp_commands as cmd
+from dqid.amp_protocol import PeerProtocol, negotiate
+from dqid.cluster import RECOVERY_GRACE
+from dqid.ids import parse_id
+from dqid.node import NotReady, NotReplicated
+from dqid.peers import DEAD_AFTER, HEARTBEAT_INTERVAL
+from dqid.queue import QueueFull, UnknownMessage
+
+from .amp_harness import Net
+from .helpers import assertNoResult, failureResultOf, successResultOf
+
+
+@pytest.fixture
+def nets() -> Iterator[list[Net]]:
+    """Nets made by a test; each is closed at the end and must leave no
+    timer behind and no traceback in the log."""
+    made: list[Net] = []
+    yield made
+    for net in made:
+        leftover = net.close()
+        assert leftover == [], f"delayed calls left after stop(): {leftover}"
+        assert net.failures() == []
+
+
+@pytest.fixture
+def make(nets):
+    def make(names: str = "abc", min_copies: int | None = None, **kw) -> Net:
+        names_list = list(names)
+        net = Net(names_list, len(names_list) if min_copies is None else min_copies, **kw)
+        nets.append(net)
+        return net
+
+    return make
+
+
+def ids_in_queue(member) -> list[str]:
+    return [m.id for m in member.node.queue.messages()]
+
+
+def got(net: Net, member, **kw) -> list:
+    """What a get (no wait) on ``member`` returns, local or from a peer."""
+    d = member.get(**kw)
+    net.settle()
+    return successResultOf(d)
+
+
+def take_all(net: Net, member, count: int = 100) -> list[str]:
+    return [m.id for m in got(net, member, count=count)]
+
+
+def pushed_id(net: Net, member, body: bytes = b"job") -> str:
+    d = member.push(body)
+    net.settle()
+    return successResultOf(d).ids[0]
+
+
+# -- Hello: versions, ids, membership ----------------------------------------
+
+
+def test_negotiate_picks_best_overlap_or_none():
+    assert negotiate(1, 3, 2, 5) == 3
+    assert negotiate(2, 5, 1, 3) == 3
+    assert negotiate(1, 1, 1, 1) == 1
+    assert negotiate(1, 4, 4, 9) == 4
+    assert negotiate(1, 2, 3, 4) is None
+    assert negotiate(3, 4, 1, 2) is None
+
+
+def _answer(d, pump):
+    """Flush ``pump`` and return what ``d`` fired with (handled here, so an
+    error answer is not an unhandled AMP failure)."""
+    box: list = []
+    d.addBoth(box.append)
+    pump.flush()
+    assert box, "no answer"
+    return box[0]
+
+
+def _raw_hello(net: Net, listener: str, **overrides):
+    """Say Hello to ``listener`` from a bare AMP client: (answer, server, pump)."""
+    server = PeerProtocol(net[listener].cluster)
+    client = amp.AMP()
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client,
+                         iosim.makeFakeClient(client), greet=False, clock=net.clock)
+    arguments = dict(version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
+                     node="a", epoch=0, cluster=sorted(net.names))
+    arguments.update(overrides)
+    answer = _answer(client.callRemote(cmd.Hello, **arguments), pump)
+    return answer, server, pump
+
+
+def test_hello_without_common_version_is_refused_and_logged(make):
+    net = make("ab")
+    net.build("a")
+    b = net.build("b")
+    answer, server, pump = _raw_hello(net, "b", version_min=cmd.PROTOCOL_MAX + 1,
+                                      version_max=cmd.PROTOCOL_MAX + 5)
+    assert isinstance(answer, Failure) and answer.check(cmd.NoCommonVersion)
+    assert b.cluster.peers["a"].links == []
+    assert server.peer_id is None
+    assert not b.connected("a")
+    errors = net.logged(LogLevel.error)
+    assert any("refused a" in e and "protocol" in e for e in errors), errors
+    # Nothing else is served on a link that never said a good Hello.
+    answer = _answer(pump.client.callRemote(cmd.Heartbeat, node="a", epoch=0, ready=0,
+                                            serving=False), pump)
+    assert isinstance(answer, Failure) and answer.check(cmd.NotHolder)
+    pump.client.transport.loseConnection()
+    pump.flush()
+
+
+def test_hello_from_another_cluster_is_refused_never_half_joined(make):
+    net = make("ab")
+    a = net.build("a", members=["a", "b", "c"])  # A thinks C exists too
+    b = net.build("b")
+    net.connect("a", "b")
+    net.advance(0.5)
+    # B refused with ClusterMismatch; A logged why and dropped the link.
+    errors = net.logged(LogLevel.error)
+    assert any("refused a" in e and "cluster" in e for e in errors), errors
+    warnings = net.logged(LogLevel.warn)
+    assert any("hello to b failed" in w for w in warnings), warnings
+    assert a.cluster.peers["b"].links == [] and b.cluster.peers["a"].links == []
+    assert not a.connected("b") and not b.connected("a")
+    assert a.node.stats()["peers"]["b"]["connected"] is False
+    # Neither side started a sync or counted the other: both still recover.
+    assert a.node.readiness() is not None and b.node.readiness() is not None
+    assert all(link.closed for link in net.links)
+
+
+def test_dialler_logs_a_refused_version(make, monkeypatch):
+    net = make("ab")
+    a = net.build("a")
+    b = net.build("b")
+    # A speaks only versions B does not: its Hello leaves under those.
+    monkeypatch.setattr(cmd, "PROTOCOL_MIN", cmd.PROTOCOL_MAX + 1)
+    monkeypatch.setattr(cmd, "PROTOCOL_MAX", cmd.PROTOCOL_MAX + 3)
+    net.connect(a, b)
+    monkeypatch.undo()
+    net.advance(0.5)
+    assert any("refused a" in e and "protocol" in e for e in net.logged(LogLevel.error))
+    assert any("hello to b failed" in w for w in net.logged(LogLevel.warn))
+    assert a.cluster.peers["b"].links == [] and b.cluster.peers["a"].links == []
+    assert not a.connected("b") and not b.connected("a")
+    assert all(link.closed for link in net.links)
+
+
+def test_hello_cluster_mismatch_raw(make):
+    net = make("ab")
+    net.build("a")
+    b = net.build("b")
+    for overrides in ({"cluster": ["a", "b", "x"]}, {"cluster": ["a"]},
+                      {"node": "x", "cluster": ["a", "b", "x"]}, {"node": "x"}):
+        answer, server, pump = _raw_hello(net, "b", **overrides)
+        assert isinstance(answer, Failure) and answer.check(cmd.ClusterMismatch), overrides
+        assert server.peer_id is None
+    assert b.cluster.peers["a"].links == []
+
+
+def test_hello_answered_by_the_wrong_node_is_dropped(make):
+    net = make("abc")
+    a = net.build("a")
+    net.build("b")
+    c = net.build("c")
+    # A dials what it believes is B (a wrong --peer address), but C answers.
+    link = net.connect(a, c, dialled="b")
+    net.settle()
+    assert link.closed
+    assert a.cluster.peers["b"].links == [] and a.cluster.peers["c"].links == []
+    assert c.cluster.peers["a"].links == []
+    assert any("says it is c" in e and "check --peer" in e
+               for e in net.logged(LogLevel.error))
+
+
+# -- cold start --------------------------------------------------------------
+
+
+def test_cold_start_of_three_nodes_serves_after_sync(make):
+    net = make("abc")
+    for name in "abc":
+        m = net.build(name)
+        assert m.node.readiness().startswith("recovering")
+        failureResultOf(m.push(), NotReady)
+    net.mesh()
+    net.settle()
+    for name, m in net.members.items():
+        assert m.node.readiness() is None, (name, m.node.readiness())
+        assert m.cluster.serving and m.node.epoch > 0
+        assert all(p.synced for p in m.cluster.peers.values())
+        assert all(m.connected(p) for p in m.cluster.peers)
+    # They learned each other's epochs from Announce.
+    for m in net.members.values():
+        for p, peer in m.cluster.peers.items():
+            assert peer.epoch == net[p].node.epoch and peer.serving
+
+
+# -- replicate before 201 ----------------------------------------------------
+
+
+def test_push_is_pending_until_every_required_copy_exists(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("c")
+    d = a.push(b"hello")
+    net.settle()
+    # B answered, C has not: still pending, counts toward --size, no 201.
+    assertNoResult(d)
+    assert a.node.queue.pending == 1 and a.node.queue.ready == 0
+    assert a.node.queue.depth == 1
+    assert a.node.take_own(1, 30.0) == []  # not deliverable while pending
+    net.resume("c")
+    net.settle()
+    result = successResultOf(d)
+    mid = result.ids[0]
+    assert parse_id(mid).node == "a" and parse_id(mid).epoch == a.node.epoch
+    assert a.node.queue.pending == 0 and a.node.queue.ready == 1
+    assert b.held("a") == 1 and c.held("a") == 1
+    assert b.cluster.store.get(mid).body == b"hello"
+
+
+def test_pending_pushes_count_toward_size(make):
+    net = make("ab", size=2)
+    a, b = net.start_all()
+    net.pause("b")
+    first, second = a.push(), a.push()
+    net.settle()
+    assertNoResult(first)
+    failureResultOf(a.push(), QueueFull)  # two pending pushes fill it
+    net.resume("b")
+    net.settle()
+    successResultOf(first)
+    successResultOf(second)
+    failureResultOf(a.push(), QueueFull)
+
+
+def test_pushes_of_one_turn_are_one_replicate_call_per_peer(make, monkeypatch):
+    net = make("abc")
+    a, b, c = net.start_all()
+    calls: list[tuple[str, str | None]] = []
+    original = PeerProtocol.callRemote
+
+    def counting(self, command, **kw):
+        if command is cmd.Replicate:
+            calls.append((self.cluster.me, self.peer_id))
+        return original(self, command, **kw)
+
+    monkeypatch.setattr(PeerProtocol, "callRemote", counting)
+    pushes = [a.push(b"m%d" % i) for i in range(10)]
+    net.settle()
+    ids = [successResultOf(d).ids[0] for d in pushes]
+    assert sorted(calls) == [("a", "b"), ("a", "c")]
+    assert b.held("a") == c.held("a") == 10
+    # FIFO per owner survives the batch.
+    assert take_all(net, a) == ids
+    # A later turn is a new batch.
+    calls.clear()
+    later = a.push(b"later")
+    net.settle()
+    successResultOf(later)
+    assert sorted(calls) == [("a", "b"), ("a", "c")]
+
+
+def test_push_with_a_peer_down_and_all_copies_required_is_refused(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.cut("c")
+    assert "2 of 3" in a.node.readiness()
+    d = a.push(b"lonely")
+    net.settle()
+    failureResultOf(d, NotReplicated)
+    assert a.node.queue.depth == 0
+    assert b.held("a") == 0
+    assert got(net, a) == []
+
+
+def test_push_that_times_out_is_withdrawn_everywhere(make):
+    net = make("abc", min_copies=3, replication_timeout=2.0)
+    a, b, c = net.start_all()
+    net.pause("c")  # C is silent: no answer, no heartbeat
+    d = a.push(b"doomed")
+    net.settle()
+    assertNoResult(d)
+    assert b.held("a") == 1  # B got a copy before the outcome was known
+    net.advance(1.9)
+    assertNoResult(d)
+    net.advance(0.2)
+    failureResultOf(d, NotReplicated)  # 503 not_replicated, at the timeout
+    assert a.node.queue.depth == 0 and a.node.queue.pending == 0
+    assert b.held("a") == 0  # the tombstone reached B
+    # C wakes up: the stale Replicate lands (A had given up on C) ...
+    net.resume("c")
+    net.settle()
+    assert c.held("a") == 1
+    # ... and when C is linked again it resyncs and forgets it.
+    net.cut("c")
+    for peer in "ab":
+        net.connect("c", peer)
+    net.advance(1.0)
+    assert c.connected("a") and a.connected("c")
+    assert c.held("a") == 0
+    assert got(net, a) == [] and got(net, b) == [] and got(net, c) == []
+
+
+def test_push_with_a_peer_down_succeeds_when_fewer_copies_required(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    net.cut("c")
+    assert a.node.readiness() is None
+    d = a.push(b"ok")
+    net.settle()
+    mid = successResultOf(d).ids[0]
+    assert b.held("a") == 1 and c.held("a") == 0
+    assert take_all(net, a) == [mid]
+
+
+def test_large_body_replicates_intact(make):
+    net = make("abc")
+    a, b, c = net.start_all()
+    body = bytes(range(256)) * 800  # 204,800 bytes, > 3 AMP values
+    assert len(body) > 3 * cmd.CHUNK
+    mid = pushed_id(net, a, body)
+    for m in (b, c):
+        assert m.cluster.store.get(mid).body == body
+    # And back through Take (a get on B served from A).
+    taken = got(net, b)
+    assert [r.id for r in taken] == [mid] and taken[0].body == body
+
+
+def test_chunked_argument_round_trips_any_length():
+    argument = cmd.Chunked()
+    for value in (b"", b"x", b"y" * cmd.CHUNK, b"z" * (cmd.CHUNK * 2 + 1)):
+        strings: dict = {}
+        argument.toBox(b"records", strings, {"records": value}, None)
+        assert all(len(v) <= amp.MAX_VALUE_LENGTH for v in strings.values())
+        objects: dict = {}
+        argument.fromBox(b"records", strings, objects, None)
+        assert objects["records"] == value
+
+
+# -- acks anywhere -----------------------------------------------------------
+
+
+def test_ack_on_a_non_owner_reaches_the_owner_and_every_holder(make):
+    net = make("abc")
+    a, b, c = net.start_all()
+    first = pushed_id(net, a, b"one")
+    second = pushed_id(net, a, b"two")
+    assert b.held("a") == c.held("a") == 2
+    d = b.ack(first)
+    net.settle()
+    successResultOf(d)
+    assert first not in ids_in_queue(a)
+    assert ids_in_queue(a) == [second]
+    assert b.held("a") == 1 and c.held("a") == 1
+    assert b.node.stats()["peers"]["a"]["held"] == 1
+    d = c.ack(second)
+    net.settle()
+    successResultOf(d)
+    assert a.node.queue.depth == 0
+    assert b.held("a") == 0 and c.held("a") == 0
+    # Acked is gone: a second ack anywhere is unknown.
+    for m in (a, b, c):
+        d = m.ack(first)
+        net.settle()
+        failureResultOf(d, UnknownMessage)
+
+
+def test_ack_while_the_owner_is_down_is_applied_when_it_returns(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    mid = pushed_id(net, a)
+    net.cut("a")
+    d = b.ack(mid)
+    net.settle()
+    successResultOf(d)
+    assert b.held("a") == 0 and c.held("a") == 0
+    assert mid in ids_in_queue(a)
+    for peer in "bc":
+        net.connect("a", peer)
+    net.advance(0.5)
+    assert mid not in ids_in_queue(a)
+    assert got(net, a) == []
+
+
+# -- gets anywhere -----------------------------------------------------------
+
+
+def test_get_on_a_node_with_nothing_ready_takes_from_a_peer(make):
+    net = make("abc")
+    a, b, c = net.start_all()
+    mid = pushed_id(net, a, b"remote work")
+    assert b.node.queue.ready == 0
+    d = b.get(visibility=10)  # an int on purpose: amp.Float refuses ints
+    net.settle()
+    taken = successResultOf(d)
+    assert [r.id for r in taken] == [mid] and taken[0].body == b"remote work"
+    # A leased it: nobody else gets it now.
+    assert a.node.queue.leased == 1
+    d = c.get()
+    net.settle()
+    assert successResultOf(d) == []
+    # The worker on B acks it there.
+    d = b.ack(mid)
+    net.settle()
+    successResultOf(d)
+    assert a.node.queue.depth == 0 and b.held("a") == c.held("a") == 0
+
+
+def test_parked_long_poll_is_answered_by_a_push_on_a_peer(make):
+    net = make("abc")
+    a, b, c = net.start_all()
+    d = b.get(visibility=10, wait=10)
+    net.advance(1.0)
+    assertNoResult(d)
+    assert b.node.has_waiters()
+    mid = pushed_id(net, a, b"wake up")
+    net.run_until(lambda: d.called, limit=2 * HEARTBEAT_INTERVAL + 0.1)
+    taken = successResultOf(d)
+    assert [r.id for r in taken] == [mid]
+    assert a.node.queue.leased == 1 and not b.node.has_waiters()
+
+
+def test_long_poll_times_out_empty(make):
+    net = make("ab")
+    a, b = net.start_all()
+    d = b.get(wait=2)
+    net.advance(1.9)
+    assertNoResult(d)
+    net.advance(0.2)
+    assert successResultOf(d) == []
+
+
+# -- heartbeats ----------------------------------------------------------------
+
+
+def test_silent_peer_is_marked_down_within_about_a_second(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    net.advance(1.0)
+    assert a.connected("b") and a.connected("c")
+    net.pause("a", "b")  # that link stops delivering both ways
+    elapsed = net.run_until(lambda: not a.connected("b"), limit=2.0)
+    assert DEAD_AFTER - HEARTBEAT_INTERVAL <= elapsed <= DEAD_AFTER + HEARTBEAT_INTERVAL
+    assert not b.connected("a")
+    assert a.connected("c") and c.connected("a") and b.connected("c")
+    assert a.node.stats()["peers"]["b"]["connected"] is False
+    # The peer stays down while silent, even though heartbeats keep running.
+    net.advance(2.0)
+    assert not a.connected("b")
+
+
+def test_heartbeats_keep_an_idle_link_up(make):
+    net = make("ab")
+    a, b = net.start_all()
+    net.advance(10.0)
+    assert a.connected("b") and b.connected("a")
+    assert a.node.readiness() is None
+
+
+# -- replacement, recovery and fencing ---------------------------------------
+
+
+def _replace_a(net: Net, *, keep_old: bool):
+    old = net["a"]
+    if not keep_old:
+        net.cut("a")
+    new = net.build("a")
+    return old, new
+
+
+def test_replacement_recovers_the_queue_before_serving(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    old_epoch = a.node.epoch
+    ids = [pushed_id(net, a, b"job%d" % i) for i in range(5)]
+    leased = got(net, a, count=1)
+    assert [m.id for m in leased] == ids[:1]
+    net.advance(0.5)
+    old, a2 = _replace_a(net, keep_old=False)
+    assert a2.node.readiness().startswith("recovering")
+    failureResultOf(a2.push(), NotReady)
+    assert a2.node.queue.depth == 0
+    for peer in "bc":
+        net.connect("a", peer)
+    net.settle()
+    assert a2.node.readiness() is None
+    assert a2.node.epoch > old_epoch
+    # Every accepted message is back, ready (the lease is void), in order.
+    assert a2.node.queue.ready == 5 and a2.node.queue.leased == 0
+    assert ids_in_queue(a2) == ids
+    # The peers learned the new epoch and still hold their copies.
+    for m in (b, c):
+        assert m.cluster.peers["a"].epoch == a2.node.epoch
+        assert m.held("a") == 5
+    # New ids use the new epoch and never collide with recovered ones.
+    new_id = pushed_id(net, a2, b"fresh")
+    assert parse_id(new_id).epoch == a2.node.epoch and new_id not in ids
+    taken = take_all(net, a2, 3)
+    assert taken == ids[:3]
+    d = a2.ack(ids[0])
+    net.settle()
+    successResultOf(d)
+    d = b.ack(ids[1])  # through a peer too
+    net.settle()
+    successResultOf(d)
+    assert ids[0] not in ids_in_queue(a2) and ids[1] not in ids_in_queue(a2)
+    assert b.held("a") == c.held("a") == 4  # 3 recovered left + 1 new
+
+
+def test_replacement_with_fewer_copies_syncs_from_enough_peers(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a) for _ in range(3)]
+    old, a2 = _replace_a(net, keep_old=False)
+    # N - K + 1 = 2 peers needed: one is not enough.
+    net.connect("a", "b")
+    net.settle()
+    assert a2.node.readiness().startswith("recovering")
+    assert "1 of 2" in a2.node.readiness()
+    net.connect("a", "c")
+    net.settle()
+    assert a2.node.readiness() is None
+    assert ids_in_queue(a2) == ids
+
+
+def test_stale_twin_is_fenced_and_serves_nothing(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a) for _ in range(2)]
+    old, a2 = _replace_a(net, keep_old=True)  # the old A is still up
+    for peer in "bc":
+        net.connect(a2, peer)
+    net.settle()
+    assert a2.node.readiness() is None
+    assert a2.node.epoch > old.node.epoch
+    # B and C dropped the links of the old epoch when A2 announced.
+    for m in (b, c):
+        assert all(link.peer_epoch == a2.node.epoch for link in m.cluster.peers["a"].links)
+    net.advance(1.5)
+    # The old A reconnects (its ClientService would) and is told it is stale.
+    link = net.connect(old, b)
+    net.settle()
+    assert link.closed
+    assert old.cluster.fenced and old.node.fenced
+    assert old.node.readiness().startswith("fenced")
+    assert got(net, old) == []
+    failureResultOf(old.push(), NotReady)
+    failureResultOf(old.ack(ids[0]), NotReady)
+    assert any("fenced" in e for e in net.logged(LogLevel.error))
+    # The new A still serves the messages.
+    assert take_all(net, a2) == ids
+
+
+def test_stale_twin_still_linked_is_fenced_by_its_next_call(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    old_epoch = a.node.epoch
+    # B learns of a newer epoch for A before the old A's next heartbeat.
+    b.cluster.store.note_epoch("a", old_epoch + 1)
+    net.advance(2 * HEARTBEAT_INTERVAL)
+    assert a.cluster.fenced and a.node.readiness().startswith("fenced")
+    assert got(net, a) == []
+
+
+def test_replacement_never_reuses_ids_even_at_the_same_clock_time(make):
+    # The replacement's clock may be no later than the old node's (another
+    # host, or a quick restart): its epoch must still be above the old one.
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    old_id = pushed_id(net, a)
+    old, a2 = _replace_a(net, keep_old=False)
+    net.clock.advance(0)  # no time passes
+    for peer in "bc":
+        net.connect(a2, peer)
+    net.settle()
+    assert a2.node.epoch > old.node.epoch
+    new_id = pushed_id(net, a2)
+    assert new_id != old_id
+    assert parse_id(new_id).epoch == a2.node.epoch
+    assert set(ids_in_queue(a2)) == {old_id, new_id}
+
+
+def test_peer_whose_hello_crossed_the_recovery_learns_the_new_epoch(make):
+    # A2 dials B and C at once; it recovers from B while its Hello (epoch 0)
+    # to C is still unanswered.  C must still learn A2's epoch, or it would
+    # let the old A back in.
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    pushed_id(net, a)
+    old, a2 = _replace_a(net, keep_old=False)
+    net.connect(a2, b)
+    net.connect(a2, c)
+    net.pause("a", "c")
+    # Recovers from B alone once the grace for C's sync has passed.
+    net.run_until(lambda: a2.cluster.serving, limit=RECOVERY_GRACE + 0.5)
+    net.resume("a", "c")
+    net.settle()
+    assert c.cluster.peers["a"].epoch == a2.node.epoch
+    assert c.cluster.store.epochs["a"] == a2.node.epoch
+    assert any(f"peer a serves as epoch {a2.node.epoch}" in line
+               for line in net.logged(LogLevel.info))
+    link = net.connect(old, c)
+    net.settle()
+    assert link.closed and old.node.fenced
+    assert [l.peer_epoch for l in c.cluster.peers["a"].links] == [a2.node.epoch]
+
+
+def test_stale_twin_push_is_refused_by_a_peer_that_knows_better(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    b.cluster.store.note_epoch("a", a.node.epoch + 1)
+    d = a.push(b"from the past")
+    net.settle()
+    failureResultOf(d, NotReplicated)
+    assert a.node.fenced
+    assert b.held("a") == 0 and c.held("a") == 0
+    assert a.node.queue.depth == 0
+
+
+# -- anti-entropy ------------------------------------------------------------
+
+
+def test_peer_that_was_down_catches_up_on_reconnect(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    kept = pushed_id(net, a, b"kept")
+    gone = pushed_id(net, a, b"gone")
+    b_own = pushed_id(net, b, b"from b")
+    assert c.held("a") == 2 and c.held("b") == 1
+    net.cut("c")
+    new_a = pushed_id(net, a, b"new on a")
+    new_b = pushed_id(net, b, b"new on b")
+    d = a.ack(gone)
+    net.settle()
+    successResultOf(d)
+    d = a.ack(b_own)  # an ack through a non-owner while C is away
+    net.settle()
+    successResultOf(d)
+    assert c.held("a") == 2 and c.held("b") == 1  # C saw none of it
+    for peer in "ab":
+        net.connect("c", peer)
+    net.advance(0.5)
+    held_a = {r.id for r in c.cluster.store.records("a")}
+    held_b = {r.id for r in c.cluster.store.records("b")}
+    assert held_a == {kept, new_a}
+    assert held_b == {new_b}
+    assert c.node.readiness() is None
+    # The tombstones arrived too: the acked ids are gone for good on C.
+    assert c.cluster.store.is_tombstoned(gone)
+    assert c.cluster.store.is_tombstoned(b_own)
+
+
+def test_withdrawn_push_is_not_resurrected_by_a_replacement(make):
+    net = make("abc", min_copies=3, replication_timeout=2.0)
+    a, b, c = net.start_all()
+    net.pause("a", "c")  # C still talks to B, but not to A
+    d = a.push(b"withdrawn")
+    net.advance(2.5)
+    failureResultOf(d, NotReplicated)
+    assert b.held("a") == 0
+    net.resume("a", "c")  # the late Replicate lands on C; A had dropped C
+    net.settle()
+    assert c.held("a") == 1  # C has a copy and never heard of the withdrawal
+    net.cut("a")  # A dies
+    a2 = net.build("a")
+    net.connect(a2, c)  # C answers first: one sync is enough for K = N ...
+    net.settle()
+    assert not a2.cluster.serving  # ... but B is up, so A2 waits for it too
+    net.advance(0.5)
+    net.connect(a2, b)  # B, which holds the tombstone, syncs within the grace
+    net.settle()
+    assert a2.cluster.serving
+    assert got(net, a2) == []  # the 503'd message must never be delivered
