@@ -35,7 +35,7 @@ from .node import NotReady, NotReplicated, QueueNode
 from .options import PeerAddress
 from .peers import DEAD_AFTER, HEARTBEAT_INTERVAL, Peer
 from .queue import PENDING, Message, NotLeased, UnknownMessage
-from .replica import Record, ReplicaStore
+from .replica import Record, ReplicaStore, matching_ids
 from .tombstones import Tombstones
 from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
 
@@ -475,12 +475,15 @@ class Cluster:
     def _apply_own_tombstones(self, tombstones: Tombstones) -> None:
         """Acks written elsewhere for messages in our own queue."""
         queue = self.node.queue
-        mine = tombstones.for_owner(self.me)
-        if not queue.depth or not mine.range_count():
+        if not queue.depth:
             return
-        for message in list(queue.messages()):
-            if message.state != PENDING and parse_id(message.id) in mine:
-                self.node.forget_acked(message.id)
+        for (owner, epoch), ranges in tombstones.items():
+            if owner != self.me:
+                continue
+            for message_id in matching_ids(queue, owner, epoch, ranges):
+                message = queue.get(message_id)
+                if message is not None and message.state != PENDING:
+                    self.node.forget_acked(message_id)
 
     def _released(self, record: Record | None) -> None:
         if record is not None and record.key is not None:

@@ -118,6 +118,10 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._messages)
 
+    def __iter__(self) -> Iterator[str]:
+        """The ids of every message held (any state)."""
+        return iter(self._messages)
+
     def get(self, message_id: str) -> Message | None:
         return self._messages.get(message_id)
 

@@ -10,10 +10,28 @@ which is how a stale twin of a node id is fenced off.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Container, Iterable, Iterator, Protocol
 
-from .ids import parse_id
-from .tombstones import Tombstones
+from .ids import format_id, parse_id
+from .tombstones import RangeSet, Tombstones
+
+
+def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
+                 ranges: RangeSet) -> list[str]:
+    """The ids in ``held`` (owner's ids) that ``ranges`` of ``epoch`` cover."""
+    if len(ranges) <= len(held):
+        return [
+            message_id
+            for start, end in ranges.ranges()
+            for seq in range(start, end)
+            if (message_id := format_id(owner, epoch, seq)) in held
+        ]
+    found = []
+    for message_id in held:
+        mid = parse_id(message_id)
+        if mid.epoch == epoch and mid.seq in ranges:
+            found.append(message_id)
+    return found
 
 
 class MessageLike(Protocol):
@@ -94,15 +112,18 @@ class ReplicaStore:
         return self._drop(mid.node, message_id)
 
     def merge_tombstones(self, other: Tombstones) -> list[Record]:
-        """Union ``other`` in; the records it drops."""
+        """Union ``other`` in; the records it drops.
+
+        Costs the smaller of the tombstoned seqs and the records held, per
+        owner and epoch, so a big sync and a single ack are both cheap.
+        """
         self.tombstones.merge(other)
         dropped = []
-        for owner, by_id in list(self._records.items()):
-            for message_id in list(by_id):
-                if parse_id(message_id) in self.tombstones:
-                    record = self._drop(owner, message_id)
-                    if record is not None:
-                        dropped.append(record)
+        for (owner, epoch), ranges in other.items():
+            for message_id in matching_ids(self._records.get(owner, {}), owner, epoch, ranges):
+                record = self._drop(owner, message_id)
+                if record is not None:
+                    dropped.append(record)
         return dropped
 
     def merge(self, other: "ReplicaStore") -> None:
