@@ -38,6 +38,11 @@ class PeerProtocol(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Small request/answer boxes: without this, Nagle's algorithm and
+        # the peer's delayed ACK hold many of them ~40 ms.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         if self.dialled is not None:
             self.cluster.say_hello(self)
 
