@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TWISTD = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
 
@@ -57,6 +57,32 @@ def http(
         )
     finally:
         conn.close()
+
+
+def wait_for_200(
+    request: Callable[..., Reply],
+    path: str,
+    timeout: float,
+    proc: subprocess.Popen | None,
+    name: str,
+    log_tail: Callable[[], str],
+) -> Reply:
+    """Poll GET ``path`` with ``request`` until 200; fail with the log tail
+    if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            reply = request("GET", path, timeout=2)
+            if reply.status == 200:
+                return reply
+            last = reply
+        except OSError as error:
+            last = error
+        time.sleep(0.05)
+    raise AssertionError(f"{name} {path} not 200 in {timeout}s: {last}\n{log_tail()}")
 
 
 @dataclass
@@ -103,22 +129,7 @@ class DqidProcess:
 
     def wait_for(self, path: str = "/health", timeout: float = 20.0) -> Reply:
         """Poll ``path`` until it answers 200; fail with the log if not."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.node_id} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                reply = self.http("GET", path, timeout=2)
-                if reply.status == 200:
-                    return reply
-                last = reply
-            except OSError as error:
-                last = error
-            time.sleep(0.05)
-        raise AssertionError(f"{self.node_id} {path} not 200 in {timeout}s: {last}\n{self.log_tail()}")
+        return wait_for_200(self.http, path, timeout, self.proc, self.node_id, self.log_tail)
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -16,12 +16,11 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .procs import Reply, http
+from .procs import Reply, http, wait_for_200
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 HAPROXY_CFG = ETC / "haproxy.cfg"
@@ -92,24 +91,7 @@ class ProxyProcess:
 
     def wait_for(self, path: str = "/health", timeout: float = 15.0) -> Reply:
         """Poll ``path`` through the proxy until it answers 200."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                reply = self.http("GET", path, timeout=2)
-                if reply.status == 200:
-                    return reply
-                last = reply
-            except OSError as error:
-                last = error
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{self.name} {path} not 200 in {timeout}s: {last}\n{self.log_tail()}"
-        )
+        return wait_for_200(self.http, path, timeout, self.proc, self.name, self.log_tail)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
