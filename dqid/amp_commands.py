@@ -51,6 +51,10 @@ class NotHolder(Exception):
     """The callee cannot serve this now (recovering, fenced, stopping)."""
 
 
+class KeyConflict(Exception):
+    """The Idempotency-Key was first used with another body."""
+
+
 class UnknownSync(Exception):
     """The sync session expired or never existed; start again."""
 
@@ -155,6 +159,16 @@ class Lease(amp.Command):
     arguments = [(b"id", amp.Unicode()), (b"visibility", amp.Float())]
     response = [(b"outcome", amp.Unicode())]
     errors = dict(COMMON_ERRORS)
+
+
+class KeyLookup(amp.Command):
+    """Is there an accepted message of the callee's under this
+    Idempotency-Key?  Answers once a push still being replicated settles.
+    ``id`` is "" when there is none (never pushed, or withdrawn)."""
+
+    arguments = [(b"key", amp.Unicode()), (b"digest", amp.String())]
+    response = [(b"id", amp.Unicode())]
+    errors = {KeyConflict: b"KEY_CONFLICT", **COMMON_ERRORS}
 
 
 class Take(amp.Command):

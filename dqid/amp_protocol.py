@@ -93,6 +93,11 @@ class PeerProtocol(amp.AMP):
         self._from_peer()
         return {"outcome": self.cluster.on_lease(id, visibility)}
 
+    @cmd.KeyLookup.responder
+    def key_lookup(self, key: str, digest: bytes) -> Any:
+        self._from_peer()
+        return self.cluster.on_key_lookup(key, digest)
+
     @cmd.Take.responder
     def take(self, count: int, visibility: float) -> dict:
         self._from_peer()

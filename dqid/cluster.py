@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from .amp_protocol import PeerProtocol, negotiate
-from .idempotency import body_digest
+from .idempotency import IdempotencyConflict, body_digest
 from .ids import MessageId, parse_id
 from .node import NotReady, NotReplicated, QueueNode
 from .options import PeerAddress
@@ -45,6 +45,8 @@ SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
 SYNC_SESSION_IDLE = 60.0
 RESYNC_DELAY = 1.0
+# A fenced node keeps its links this long to send its last tombstones.
+FENCE_LINGER = 0.5
 # A recovering node waits up to this long for every peer to sync.
 RECOVERY_GRACE = 2.0
 
@@ -101,6 +103,7 @@ class Cluster:
         self._feeding = False
         self._started = clock.seconds()
         self._grace_timer: IDelayedCall | None = None
+        self._leave_timer: IDelayedCall | None = None
         node.cluster = self
         node.set_not_ready(self._recovery_reason())
 
@@ -114,8 +117,9 @@ class Cluster:
     def stop(self) -> None:
         if self._heartbeat.running:
             self._heartbeat.stop()
-        if self._grace_timer is not None and self._grace_timer.active():
-            self._grace_timer.cancel()
+        for timer in (self._grace_timer, self._leave_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         for session in self._sessions.values():
             if session.timer is not None and session.timer.active():
                 session.timer.cancel()
@@ -164,6 +168,11 @@ class Cluster:
         return d
 
     def say_hello(self, link: PeerProtocol) -> None:
+        if self.fenced:
+            # A fenced node has nothing to offer; staying away also keeps
+            # peers from mistaking it for a recovering replacement.
+            link.transport.loseConnection()
+            return
         epoch = self.epoch
         d = self._call(
             link, cmd.Hello, version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
@@ -209,6 +218,8 @@ class Cluster:
 
     def on_hello(self, link: PeerProtocol, version_min: int, version_max: int,
                  node: str, epoch: int, cluster: list[str]) -> dict:
+        if self.fenced:
+            raise cmd.NotHolder("this node is fenced")
         version = negotiate(cmd.PROTOCOL_MIN, cmd.PROTOCOL_MAX, version_min, version_max)
         if version is None:
             self.log.error(
@@ -302,6 +313,14 @@ class Cluster:
         self.fenced = True
         self.node.fence(f"fenced: {why}")
         self.log.error("this node is fenced and serves nothing: {why}", why=why)
+        # Leave once the tombstones of pushes refused on the way here are out.
+        self._leave_timer = self.clock.callLater(FENCE_LINGER, self._leave)
+
+    def _leave(self) -> None:
+        self._flush_forget()
+        for peer in self.peers.values():
+            for link in list(peer.links):
+                link.transport.loseConnection()
 
     # -- heartbeats ----------------------------------------------------------
 
@@ -548,6 +567,41 @@ class Cluster:
         except NotLeased:
             return "not_leased"
         return "ok"
+
+    # -- idempotency keys anywhere ------------------------------------------
+
+    async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
+        """Ask the owner of ``first`` whether it accepted a push under
+        ``key``; its id, or None.  NotReady when the owner is unreachable:
+        answering from a replica could confirm a push that is withdrawn."""
+        owner = self.peers.get(parse_id(first).node)
+        link = owner.link() if owner is not None else None
+        if owner is None or link is None or not owner.serving \
+                or not owner.is_connected(self._now()):
+            raise NotReady(
+                f"the node that took the first push with this key ({parse_id(first).node}) "
+                "is unreachable"
+            )
+        try:
+            answer = await self._call(link, cmd.KeyLookup, timeout=self.replication_timeout
+                                      + CALL_TIMEOUT, key=key, digest=digest)
+        except cmd.KeyConflict:
+            raise IdempotencyConflict(key, first) from None
+        except Exception as error:
+            raise NotReady(f"the node that took the first push with this key did not "
+                           f"answer: {error}") from None
+        return answer["id"] or None
+
+    def on_key_lookup(self, key: str, digest: bytes) -> Deferred:
+        if not self.serving:
+            raise cmd.NotHolder(self.node.not_ready_reason or "not serving")
+        def conflict(failure: Failure) -> None:
+            failure.trap(IdempotencyConflict)
+            raise cmd.KeyConflict(key)
+
+        d = Deferred.fromCoroutine(self.node.own_key(key, digest))
+        d.addCallbacks(lambda first: {"id": first or ""}, conflict)
+        return d
 
     def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
         if not self.serving:

@@ -148,7 +148,8 @@ class QueueNode:
             now = self.clock.seconds()
             first = self.idempotency.lookup(idempotency_key, digest, now)
             if first is not None:
-                await self._outcome_of(first)
+                first = await self._confirm_first(idempotency_key, digest, first)
+            if first is not None:
                 return PushResult([first], created=False)
         message_id = self.new_id()
         messages = self.queue.reserve_many(
@@ -158,6 +159,30 @@ class QueueNode:
             self.idempotency.remember(idempotency_key, digest, message_id)
         await self._accept(messages)
         return PushResult([message_id], created=True)
+
+    async def _confirm_first(self, key: str, digest: bytes, first: str) -> str | None:
+        """The accepted id of an earlier push under ``key``, or None when
+        that push was never accepted (withdrawn) and the key is free."""
+        if parse_id(first).node == self.node_id or self.cluster is None:
+            await self._outcome_of(first)  # NotReplicated if it is withdrawn
+            return first
+        # Only the owner knows whether its push was accepted or withdrawn.
+        confirmed = await self.cluster.confirm_key(key, digest, first)
+        if confirmed is None:
+            self.idempotency.forget(key, first)
+        return confirmed
+
+    async def own_key(self, key: str, digest: bytes) -> str | None:
+        """For a peer: our accepted id under ``key``; None if there is none.
+        Waits for a push still being replicated."""
+        first = self.idempotency.lookup(key, digest, self.clock.seconds())
+        if first is None or parse_id(first).node != self.node_id:
+            return None
+        try:
+            await self._outcome_of(first)
+        except NotReplicated:
+            return None
+        return first
 
     async def push_many(self, items: Sequence[PushItem]) -> PushResult:
         """Queue all of ``items`` or none of them."""

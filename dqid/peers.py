@@ -38,6 +38,10 @@ class Peer:
     down_logged: bool = True
 
     def link(self) -> PeerProtocol | None:
+        """The newest link to the peer's serving epoch, else the newest."""
+        for link in reversed(self.links):
+            if link.peer_epoch and link.peer_epoch == self.epoch:
+                return link
         return self.links[-1] if self.links else None
 
     def is_connected(self, now: float) -> bool:

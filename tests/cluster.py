@@ -11,23 +11,74 @@ from .procs import DqidProcess, Reply, free_port
 class LocalCluster:
     """N ``twistd dqid`` nodes on loopback, each knowing the others as peers."""
 
-    def __init__(self, pool, ids: Iterable[str] = ("a", "b", "c"), *args: str) -> None:
+    def __init__(self, pool, ids: Iterable[str] = ("a", "b", "c"), *args: str,
+                 fault_proxy: bool = False) -> None:
         self.pool = pool
         self.ids = list(ids)
         self.args = list(args)
         self.ports = {i: (free_port(), free_port()) for i in self.ids}
+        # With a fault proxy, node S reaches peer D's AMP port through its
+        # own route (S, D), so the links of one node can be cut alone.
+        self.routes: dict[tuple[str, str], int] = {}
+        self.faults = None
+        if fault_proxy:
+            self.routes = {
+                (s, d): free_port() for s in self.ids for d in self.ids if s != d
+            }
+            self.faults = pool.faultproxy(
+                {port: self.ports[d][1] for (s, d), port in self.routes.items()}
+            )
         self.nodes: dict[str, DqidProcess] = {}
         for node_id in self.ids:
             self.nodes[node_id] = self._make(node_id)
 
-    def _make(self, node_id: str) -> DqidProcess:
-        http_port, amp_port = self.ports[node_id]
+    def _peer_port(self, source: str, dest: str) -> int:
+        if self.routes:
+            return self.routes[(source, dest)]
+        return self.ports[dest][1]
+
+    def _make(self, node_id: str, http_port: int | None = None,
+              amp_port: int | None = None) -> DqidProcess:
+        default_http, default_amp = self.ports[node_id]
         peers = [
-            f"--peer={other}=127.0.0.1:{self.ports[other][1]}"
+            f"--peer={other}=127.0.0.1:{self._peer_port(node_id, other)}"
             for other in self.ids if other != node_id
         ]
         return self.pool.node(node_id, *peers, *self.args,
-                              http_port=http_port, amp_port=amp_port)
+                              http_port=http_port or default_http,
+                              amp_port=amp_port or default_amp)
+
+    def cut(self, node_id: str, mode: str = "blackhole") -> None:
+        """Cut every AMP link of ``node_id`` (both directions); its HTTP
+        port stays reachable.  ``mode`` "pass" heals it."""
+        assert self.faults is not None, "start the cluster with fault_proxy=True"
+        for (source, dest), port in self.routes.items():
+            if node_id in (source, dest):
+                self.faults.set_mode(port, mode)
+
+    def heal(self) -> None:
+        assert self.faults is not None
+        for port in self.routes.values():
+            self.faults.set_mode(port, "pass")
+
+    def start_twin(self, node_id: str, wait: str = "/ready") -> DqidProcess:
+        """Start a replacement of ``node_id`` on new ports while the old
+        process may still live (paused): peers are routed to the new one."""
+        assert self.faults is not None, "start the cluster with fault_proxy=True"
+        http_port, amp_port = free_port(), free_port()
+        self.ports[node_id] = (http_port, amp_port)
+        for (source, dest), port in self.routes.items():
+            if dest == node_id:
+                self.faults.retarget(port, amp_port)
+        twin = self._make(node_id)
+        self.nodes[node_id] = twin
+        twin.start()
+        if wait:
+            twin.wait_for(wait, 30)
+        return twin
+
+    def http_ports(self) -> list[int]:
+        return [node.http_port for node in self.nodes.values()]
 
     def __getitem__(self, node_id: str) -> DqidProcess:
         return self.nodes[node_id]
@@ -45,9 +96,23 @@ class LocalCluster:
         fresh = self._make(node_id)
         self.nodes[node_id] = fresh
         fresh.start()
-        if wait:
+        if wait == "recovered":
+            self.wait_recovered(node_id)
+        elif wait:
             fresh.wait_for(wait, 30)
         return fresh
+
+    def wait_recovered(self, node_id: str, timeout: float = 30.0) -> None:
+        """Until ``node_id`` has its queue back (it may still refuse writes
+        for lack of peers)."""
+        def recovered() -> bool:
+            try:
+                reason = self.stats(node_id)["not_ready_reason"] or ""
+            except (OSError, ValueError):
+                return False
+            return not reason.startswith("recovering")
+
+        self.wait_until(recovered, timeout, what=f"{node_id} to recover")
 
     def stats(self, node_id: str) -> dict:
         return self.nodes[node_id].http("GET", "/stats").json()

@@ -61,7 +61,7 @@ def pool(tmp_path: Path) -> Iterator[ProcessPool]:
 
 
 @pytest.fixture
-def proxies(tmp_path: Path) -> Iterator["ProxyPool"]:
+def proxies(tmp_path: Path) -> Iterator:
     """HAProxy / nginx processes (tests/proxies.py), stopped by PID at the end."""
     from .proxies import ProxyPool
 

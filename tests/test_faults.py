@@ -1,0 +1,201 @@
+"""Fault scenarios: a real 3-node cluster under a producer/consumer workload,
+real faults (kill -9, SIGSTOP, cut peer links, rolling restarts), and a
+checker that counts every message (tests/checker.py).
+
+Each scenario is seeded (``seed``, 1 in CI; ``--seeds N`` or ``--soak`` for
+more), bounded in messages and time, and cleans up its processes by PID.
+The checker's figures are printed (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import pytest
+
+from .checker import Report
+from .cluster import LocalCluster
+from .conftest import require_tool
+from .workload import Workload, WorkloadConfig
+
+pytestmark = pytest.mark.process
+
+
+def workload_for(cluster: LocalCluster, seed: int, soak: bool, **overrides) -> Workload:
+    config = WorkloadConfig(
+        seed=seed,
+        messages=600 if soak else 150,
+        max_seconds=120 if soak else 60,
+        **overrides,
+    )
+    return Workload(cluster.http_ports(), config)
+
+
+def agree(cluster: LocalCluster) -> dict[str, dict[str, int]]:
+    """For each owner: its depth, and what every other node holds of it."""
+    stats = {n: cluster.stats(n) for n in cluster.ids}
+    return {
+        owner: {"depth": stats[owner]["depth"]}
+        | {n: stats[n]["peers"][owner]["held"] for n in cluster.ids if n != owner}
+        for owner in cluster.ids
+    }
+
+
+def all_agree(cluster: LocalCluster) -> bool:
+    return all(len(set(held.values())) == 1 for held in agree(cluster).values())
+
+
+def finish(name: str, cluster: LocalCluster, workload: Workload) -> Report:
+    """Heal, wait for the copies to agree, drain, check, print the figures."""
+    workload.wait_produced()
+    cluster.wait_until(lambda: all_agree(cluster), timeout=30,
+                       what=f"nodes to agree on what they hold: {agree(cluster)}")
+    workload.drain(max_seconds=60)
+    report = workload.checker.report()
+    print(f"\n[{name} seed={workload.config.seed}] {report.summary()}")
+    print(f"[{name} seed={workload.config.seed}] json {json.dumps(report.as_dict())}")
+    assert not workload.errors, workload.errors
+    assert report.lost == 0, report.summary()
+    assert report.unexpected == 0, report.summary()
+    assert report.ok(), report.summary()
+    assert report.acknowledged > 0
+    cluster.wait_until(lambda: all_agree(cluster), timeout=15, what="final agreement")
+    assert all(v == 0 for held in agree(cluster).values() for v in held.values())
+    return report
+
+
+def test_owner_killed_right_after_a_201(pool, seed, soak) -> None:
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool).start()
+    workload = workload_for(cluster, seed, soak).start()
+    for _ in range(3 if soak else 2):
+        time.sleep(rng.uniform(0.2, 1.0))
+        victim = rng.choice(cluster.ids)
+        token = f"last-words-{victim}-{rng.random()}"
+        workload.checker.attempt(token)
+        reply = cluster.push(victim, token.encode())
+        if reply.status == 201:
+            workload.checker.pushed(token, "ok", reply.json()["id"])
+        else:
+            workload.checker.pushed(token, "refused")
+        cluster.replace(victim, wait="")  # kill -9 at once, then a fresh node
+        cluster[victim].wait_for("/ready", 30)
+    finish("kill-after-201", cluster, workload)
+
+
+def test_all_but_one_killed_then_replaced_one_by_one(pool, seed, soak) -> None:
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool).start()
+    workload = workload_for(cluster, seed, soak).start()
+    time.sleep(rng.uniform(0.5, 1.5))
+    survivor = rng.choice(cluster.ids)
+    victims = [n for n in cluster.ids if n != survivor]
+    for victim in victims:
+        cluster[victim].kill()
+    time.sleep(rng.uniform(0.5, 2.0))  # pushes are refused meanwhile
+    for victim in victims:
+        # The first one back recovers, but cannot take writes until the
+        # last one is back too (min-copies 3).
+        cluster.replace(victim, wait="recovered")
+        time.sleep(rng.uniform(0.2, 1.0))
+    finish("all-but-one", cluster, workload)
+
+
+def test_rolling_kill_under_load(pool, seed, soak) -> None:
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool).start()
+    workload = workload_for(cluster, seed, soak).start()
+    order = list(cluster.ids)
+    rng.shuffle(order)
+    for victim in order * (2 if soak else 1):
+        time.sleep(rng.uniform(0.2, 1.0))
+        cluster.replace(victim)
+    finish("rolling-kill", cluster, workload)
+
+
+def test_owner_cut_off_from_its_peers_never_answers_201(pool, seed, soak) -> None:
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool, fault_proxy=True).start()
+    workload = workload_for(cluster, seed, soak).start()
+    time.sleep(rng.uniform(0.3, 1.0))
+    victim = rng.choice(cluster.ids)
+    mode = rng.choice(["blackhole", "reset"])
+    cluster.cut(victim, mode)
+    # Clients still reach it over HTTP; no push may be accepted without copies.
+    answers = []
+    deadline = time.monotonic() + (6 if soak else 3)
+    while time.monotonic() < deadline:
+        token = f"cut-{victim}-{len(answers)}-{seed}"
+        workload.checker.attempt(token)
+        reply = cluster.push(victim, token.encode())
+        answers.append(reply.status)
+        workload.checker.pushed(token, "ok" if reply.status == 201 else "refused",
+                                reply.json().get("id"))
+        time.sleep(0.02)
+    assert answers and set(answers) == {503}, answers
+    ready = cluster[victim].http("GET", "/ready")
+    assert ready.status == 503
+    cluster.heal()
+    cluster.wait_until(lambda: cluster[victim].http("GET", "/ready").status == 200,
+                       timeout=20, what=f"{victim} ready after healing")
+    print(f"\n[cut-off seed={seed}] {victim} cut ({mode}): {len(answers)} pushes, all 503")
+    finish("cut-off", cluster, workload)
+
+
+def test_paused_node_is_fenced_after_its_replacement_took_over(pool, seed, soak) -> None:
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool, fault_proxy=True).start()
+    workload = workload_for(cluster, seed, soak).start()
+    time.sleep(rng.uniform(0.3, 1.0))
+    victim = rng.choice(cluster.ids)
+    old = cluster[victim]
+    old.signal(signal.SIGSTOP)
+    try:
+        twin = cluster.start_twin(victim)  # new ports; peers now reach the twin
+        workload.ports[cluster.ids.index(victim)] = twin.http_port
+        time.sleep(rng.uniform(0.2, 1.0))
+    finally:
+        old.signal(signal.SIGCONT)
+    # The stale twin wakes up, learns of the newer epoch, and serves nothing.
+    cluster.wait_until(
+        lambda: "fenced" in (old.http("GET", "/ready").json().get("reason") or ""),
+        timeout=20, what="the stale twin to be fenced",
+    )
+    assert old.http("GET", "/get").status == 204
+    stale = old.http("POST", "/push", b"from the past")
+    assert stale.status == 503
+    assert twin.http("GET", "/stats").json()["epoch"] > 0
+    finish("stale-twin", cluster, workload)
+    assert old.http("GET", "/stats").json()["ready_to_serve"] is False
+
+
+def test_idempotent_retries_through_the_proxy_after_timeouts(pool, proxies, seed, soak) -> None:
+    rng = random.Random(seed)
+    binary = require_tool("haproxy")
+    cluster = LocalCluster(pool).start()
+    from .procs import free_port
+
+    proxy = proxies.start("haproxy", free_port(), cluster.http_ports(), binary)
+    workload = Workload(
+        [proxy.port],
+        WorkloadConfig(seed=seed, messages=400 if soak else 150, request_timeout=0.4,
+                       push_retries=30, push_interval=0.02, max_seconds=90,
+                       crash_rate=0.0),
+    ).start()
+    # Stall a node now and then: pushes time out at the client, which
+    # retries with the same Idempotency-Key.
+    for _ in range(4 if soak else 2):
+        time.sleep(rng.uniform(0.1, 0.4))
+        victim = cluster[rng.choice(cluster.ids)]
+        victim.signal(signal.SIGSTOP)
+        time.sleep(rng.uniform(0.5, 1.2))
+        victim.signal(signal.SIGCONT)
+    workload.wait_produced()
+    assert workload.push_timeouts > 0, "no push timed out: the scenario tested nothing"
+    print(f"\n[idempotent-retries seed={seed}] {workload.push_timeouts} pushes timed out "
+          "and were retried with their Idempotency-Key")
+    workload.config.request_timeout = 8.0  # drain calmly
+    finish("idempotent-retries", cluster, workload)
