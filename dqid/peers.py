@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 HEARTBEAT_INTERVAL = 0.25
 DEAD_AFTER = 1.0
+CALL_TIMEOUT = 5.0  # any call to a peer
 
 
 @dataclass(eq=False)
