@@ -96,3 +96,14 @@ def pytest_generate_tests(metafunc) -> None:
 def soak(request) -> bool:
     """True when the fault scenarios should run longer (--soak)."""
     return bool(request.config.getoption("--soak"))
+
+
+# The checker's figures of every fault scenario, printed at the end of the run.
+FAULT_FIGURES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FAULT_FIGURES:
+        terminalreporter.section("dqid fault scenarios: the checker's figures")
+        for line in FAULT_FIGURES:
+            terminalreporter.write_line(line)

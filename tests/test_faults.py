@@ -4,7 +4,8 @@ checker that counts every message (tests/checker.py).
 
 Each scenario is seeded (``seed``, 1 in CI; ``--seeds N`` or ``--soak`` for
 more), bounded in messages and time, and cleans up its processes by PID.
-The checker's figures are printed (run with ``-s`` to see them).
+The checker's figures are printed at the end of the run (and as each
+scenario ends with ``-s``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from .checker import Report
 from .cluster import LocalCluster
-from .conftest import require_tool
+from .conftest import FAULT_FIGURES, require_tool
 from .workload import Workload, WorkloadConfig
 
 pytestmark = pytest.mark.process
@@ -55,6 +56,7 @@ def finish(name: str, cluster: LocalCluster, workload: Workload) -> Report:
                        what=f"nodes to agree on what they hold: {agree(cluster)}")
     workload.drain(max_seconds=60)
     report = workload.checker.report()
+    FAULT_FIGURES.append(f"{name} seed={workload.config.seed}: {report.summary()}")
     print(f"\n[{name} seed={workload.config.seed}] {report.summary()}")
     print(f"[{name} seed={workload.config.seed}] json {json.dumps(report.as_dict())}")
     assert not workload.errors, workload.errors
