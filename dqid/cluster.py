@@ -243,6 +243,7 @@ class Cluster(Replication, Routing, StateTransfer):
         for link in list(peer.links):
             link.transport.abortConnection()
         peer.links.clear()
+        self.drop_backlog(peer)
         peer.serving = False
         peer.synced = peer.synced_serving = False
         peer.ready = 0

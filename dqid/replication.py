@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .amp_protocol import PeerProtocol
 
 REPLICATION_TIMEOUT = 5.0
+# Replicate calls to one peer that may be unanswered at once.
+MAX_IN_FLIGHT = 4
 
 
 @dataclass(eq=False)
@@ -43,6 +45,7 @@ class _Batch:
     targets: int = 0
     answered: int = 0
     done: bool = False
+    failed: bool = False
     timer: IDelayedCall | None = None
 
 
@@ -75,32 +78,60 @@ class Replication:
                 batch, f"only {counting + 1} of {self.min_copies} required copies reachable"
             )
             return
-        payload = encode_records(batch.messages)
         batch.targets = len(holders)
         for peer in holders:
-            link = peer.link()
-            assert link is not None
-            d = self._call(link, cmd.Replicate, timeout=self.replication_timeout,
-                           owner=self.me, epoch=self.node.epoch, records=payload)
-            d.addCallbacks(self._replicated, self._replicate_failed,
-                           callbackArgs=(batch, peer), errbackArgs=(batch, peer))
+            peer.backlog.append(batch)
+            self._send_backlog(peer)
         if self.min_copies <= 1:
             batch.done = True
             return
         batch.timer = self.clock.callLater(self.replication_timeout, self._fail_batch,
                                            batch, "replication timed out")
 
-    def _replicated(self, answer: dict, batch: _Batch, peer: Peer) -> None:
-        peer.last_seen = self._now()
-        batch.answered += 1
-        if answer["held"]:
-            batch.copies += 1
-        self._settle_batch(batch)
+    def _send_backlog(self, peer: Peer) -> None:
+        """Send what waits for ``peer`` as one Replicate, unless
+        ``MAX_IN_FLIGHT`` calls to it are unanswered: then it waits, and
+        grows, until one is answered (group commit under load)."""
+        if peer.in_flight >= MAX_IN_FLIGHT or not peer.backlog:
+            return
+        batches = [b for b in peer.backlog if not b.failed]
+        peer.backlog = []
+        link = peer.link()
+        if link is None:
+            self._count_answers(batches, held=False)
+            return
+        if not batches:
+            return
+        payload = encode_records([m for b in batches for m in b.messages])
+        peer.in_flight += 1
+        d = self._call(link, cmd.Replicate, timeout=self.replication_timeout,
+                       owner=self.me, epoch=self.node.epoch, records=payload)
+        d.addCallbacks(self._replicated, self._replicate_failed,
+                       callbackArgs=(batches, peer), errbackArgs=(batches, peer))
 
-    def _replicate_failed(self, failure: Failure, batch: _Batch, peer: Peer) -> None:
+    def _replicated(self, answer: dict, batches: list[_Batch], peer: Peer) -> None:
+        peer.in_flight -= 1
+        peer.last_seen = self._now()
+        self._count_answers(batches, held=answer["held"])
+        self._send_backlog(peer)
+
+    def _replicate_failed(self, failure: Failure, batches: list[_Batch], peer: Peer) -> None:
+        peer.in_flight -= 1
         self._call_failed(failure, "replicate", peer)
-        batch.answered += 1
-        self._settle_batch(batch)
+        self._count_answers(batches, held=False)
+        self._send_backlog(peer)
+
+    def drop_backlog(self, peer: Peer) -> None:
+        """``peer`` is down: what waited for it will not reach it."""
+        batches, peer.backlog = peer.backlog, []
+        self._count_answers(batches, held=False)
+
+    def _count_answers(self, batches: list[_Batch], held: bool) -> None:
+        for batch in batches:
+            batch.answered += 1
+            if held:
+                batch.copies += 1
+            self._settle_batch(batch)
 
     def _settle_batch(self, batch: _Batch) -> None:
         if batch.done:
@@ -119,7 +150,7 @@ class Replication:
     def _fail_batch(self, batch: _Batch, why: str) -> None:
         if batch.done:
             return
-        batch.done = True
+        batch.done = batch.failed = True
         if batch.timer is not None and batch.timer.active():
             batch.timer.cancel()
         self.log.warn("{count} push(es) not replicated: {why}", count=len(batch.messages),

@@ -20,6 +20,7 @@ from twisted.test import iosim
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol, negotiate
 from dqid.cluster import RECOVERY_GRACE
+from dqid.replication import MAX_IN_FLIGHT
 from dqid.ids import parse_id
 from dqid.node import NotReady, NotReplicated
 from dqid.peers import DEAD_AFTER, HEARTBEAT_INTERVAL
@@ -277,6 +278,35 @@ def test_pushes_of_one_turn_are_one_replicate_call_per_peer(make, monkeypatch):
     net.settle()
     successResultOf(later)
     assert sorted(calls) == [("a", "b"), ("a", "c")]
+
+
+def test_replicate_calls_in_flight_per_peer_are_bounded(make, monkeypatch):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    calls: list[str | None] = []
+    original = PeerProtocol.callRemote
+
+    def counting(self, command, **kw):
+        if command is cmd.Replicate and self.cluster.me == "a":
+            calls.append(self.peer_id)
+        return original(self, command, **kw)
+
+    monkeypatch.setattr(PeerProtocol, "callRemote", counting)
+    net.pause("a", "c")  # C is slow to answer (but not yet dead)
+    pushes = []
+    for i in range(10):  # ten turns: ten batches
+        pushes.append(a.push(b"m%d" % i))
+        net.settle()
+    assert all(successResultOf(d) for d in pushes)  # B's copy is enough
+    assert calls.count("b") == 10
+    assert calls.count("c") == MAX_IN_FLIGHT
+    assert a.cluster.peers["c"].in_flight == MAX_IN_FLIGHT
+    net.resume("a", "c")
+    net.settle()
+    # The six batches that waited went to C as one call.
+    assert calls.count("c") == MAX_IN_FLIGHT + 1
+    assert c.held("a") == 10
+    assert a.cluster.peers["c"].in_flight == 0
 
 
 def test_push_with_a_peer_down_and_all_copies_required_is_refused(make):

@@ -185,3 +185,45 @@ def test_lease_changes_and_long_polls_work_through_any_node(pool) -> None:
     poller.join(20)
     assert answer["status"] == 200 and answer["body"] == b"wake up"
     assert time.monotonic() - pushed_at < 3
+
+
+def test_batches_keep_the_single_message_guarantees(pool) -> None:
+    import json
+
+    cluster = LocalCluster(pool, ("a", "b", "c"), "--size=10").start()
+
+    def batch(node: str, bodies: list[str]):
+        payload = json.dumps({"messages": [{"body": b} for b in bodies]}).encode()
+        return cluster[node].http("POST", "/push/batch", payload)
+
+    first = batch("a", [f"batch {i}" for i in range(8)])
+    assert first.status == 201
+    ids = first.json()["ids"]
+    assert len(ids) == 8
+    # Replicated before 201, like a single push.
+    assert cluster.held_everywhere("a") == {"b": 8, "c": 8}
+    # All or nothing: 3 more do not fit in --size=10, so none is queued.
+    refused = batch("a", ["x", "y", "z"])
+    assert refused.status == 429
+    assert cluster.stats("a")["depth"] == 8
+    assert cluster.held_everywhere("a") == {"b": 8, "c": 8}
+
+    # A node down: a batch is refused as a whole and never delivered.
+    cluster["c"].kill()
+    cluster.wait_until(lambda: not cluster.stats("a")["peers"]["c"]["connected"],
+                       what="a to see c down")
+    assert batch("a", ["lost 1", "lost 2"]).status == 503
+    cluster.replace("c")
+
+    # Batch get through a node that owns none of them; batch ack elsewhere.
+    got = cluster["b"].http("GET", "/get?count=5&visibility=60")
+    assert got.status == 200
+    taken = got.json()["messages"]
+    assert [m["id"] for m in taken] == ids[:5]
+    acked = cluster["c"].http(
+        "POST", "/ack", json.dumps({"ids": [m["id"] for m in taken] + ["a.1.999"]}).encode()
+    ).json()
+    assert acked == {"acked": ids[:5], "unknown": ["a.1.999"]}
+    cluster.wait_until(lambda: cluster.held_everywhere("a") == {"b": 3, "c": 3},
+                       what="holders to drop the acked copies")
+    assert set(cluster.drain()) == set(ids[5:])
