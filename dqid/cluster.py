@@ -73,6 +73,7 @@ class Cluster(Replication, Routing, StateTransfer):
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._feeding = False
+        self._ack_batches: dict[str, dict[str, list[Deferred]]] = {}
         self._started = clock.seconds()
         self._grace_timer: IDelayedCall | None = None
         self._leave_timer: IDelayedCall | None = None

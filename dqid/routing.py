@@ -20,6 +20,9 @@ from .queue import NotLeased, UnknownMessage
 from .replica import Record
 from .wire import decode_records, encode_records
 
+# Forwarded acks per Ack call (ids travel in one AMP value of 64 KiB).
+ACK_BATCH = 500
+
 
 class Routing:
     """Acks, leases, keys and gets for messages owned by peers."""
@@ -34,20 +37,51 @@ class Routing:
         owner = self.peers.get(mid.node)
         if owner is None or self.store.is_tombstoned(message_id):
             raise UnknownMessage(message_id)
-        link = owner.link()
-        if link is not None and owner.serving and owner.is_connected(self._now()):
-            try:
-                answer = await self._call(link, cmd.Ack, ids=[message_id])
-            except Exception as error:  # the owner is unreachable: tombstone here
-                self.log.debug("ack forward to {peer} failed: {error}",
-                               peer=mid.node, error=error)
-            else:
-                if message_id in answer["acked"]:
-                    self._released(self.store.tombstone(message_id))
-                    return
+        if owner.serving and owner.is_connected(self._now()):
+            if await self._forward_ack(owner, message_id):
+                self._released(self.store.tombstone(message_id))
+                return
         if self.store.get(message_id) is None:
             raise UnknownMessage(message_id)
         self._tombstone(message_id)
+
+    def _forward_ack(self, owner: Peer, message_id: str) -> Deferred:
+        """Fires True if ``owner`` acked ``message_id``, False if it did not
+        know it or could not be asked.  The acks of one turn for one owner
+        go as one Ack call."""
+        waiting: Deferred = Deferred()
+        pending = self._ack_batches.get(owner.node_id)
+        if pending is None or len(pending) >= ACK_BATCH:
+            pending = self._ack_batches[owner.node_id] = {}
+            self.clock.callLater(0, self._send_acks, owner, pending)
+        pending.setdefault(message_id, []).append(waiting)
+        return waiting
+
+    def _send_acks(self, owner: Peer, pending: dict[str, list[Deferred]]) -> None:
+        if self._ack_batches.get(owner.node_id) is pending:
+            del self._ack_batches[owner.node_id]
+
+        def answered(answer: dict) -> None:
+            acked = set(answer["acked"])
+            for message_id, waiters in pending.items():
+                # One ack took it; a second in the same turn finds it gone.
+                first, *rest = waiters
+                first.callback(message_id in acked)
+                for waiting in rest:
+                    waiting.callback(False)
+
+        def failed(failure: Failure) -> None:
+            self._call_failed(failure, "ack forward", owner)
+            for waiters in pending.values():
+                for waiting in waiters:
+                    waiting.callback(False)  # tombstone here instead
+
+        link = owner.link()
+        if link is None:
+            failed(Failure(NotReady(f"{owner.node_id} is unreachable")))
+            return
+        d = self._call(link, cmd.Ack, ids=list(pending))
+        d.addCallbacks(answered, failed)
 
     async def lease_elsewhere(self, message_id: str, mid: MessageId,
                               visibility: float) -> None:

@@ -414,6 +414,30 @@ def test_ack_on_a_non_owner_reaches_the_owner_and_every_holder(make):
         failureResultOf(d, UnknownMessage)
 
 
+def test_acks_forwarded_in_one_turn_are_one_ack_call(make, monkeypatch):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a, b"m%d" % i) for i in range(6)]
+    assert take_all(net, b) == ids  # leased through b
+    calls: list[list[str]] = []
+    original = PeerProtocol.callRemote
+
+    def counting(self, command, **kw):
+        if command is cmd.Ack:
+            calls.append(kw["ids"])
+        return original(self, command, **kw)
+
+    monkeypatch.setattr(PeerProtocol, "callRemote", counting)
+    acks = [b.ack(i) for i in ids] + [b.ack(ids[0])]  # one twice
+    net.settle()
+    assert calls == [ids]
+    for d in acks[:-1]:
+        successResultOf(d)
+    failureResultOf(acks[-1], UnknownMessage)  # acked in the same turn
+    assert a.node.queue.depth == 0
+    assert b.held("a") == c.held("a") == 0
+
+
 def test_ack_while_the_owner_is_down_is_applied_when_it_returns(make):
     net = make("abc", min_copies=2)
     a, b, c = net.start_all()
