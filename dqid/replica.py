@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Container, Iterable, Iterator, Protocol
 
-from .ids import format_id, parse_id
+from .ids import MessageId, format_id, parse_id
 from .tombstones import RangeSet, Tombstones
 
 
@@ -51,10 +51,17 @@ class Record:
     content_type: str | None = None
     key: str | None = None
     deliveries: int = 0
+    parsed: MessageId | None = None  # parse_id(id), when the decoder did it
+
+    @property
+    def mid(self) -> MessageId:
+        if self.parsed is None:
+            self.parsed = parse_id(self.id)
+        return self.parsed
 
     @property
     def owner(self) -> str:
-        return parse_id(self.id).node
+        return self.mid.node
 
 
 class ReplicaStore:
@@ -90,7 +97,7 @@ class ReplicaStore:
 
     def add(self, record: Record) -> bool:
         """Hold ``record`` unless it is tombstoned; True if it is new."""
-        mid = parse_id(record.id)
+        mid = record.mid
         # Note the epoch even for a tombstoned record, so what is known does
         # not depend on whether the record or its tombstone came first.
         self.note_epoch(mid.node, mid.epoch)

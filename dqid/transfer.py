@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IDelayedCall
 
 from . import amp_commands as cmd
 from .idempotency import body_digest
-from .ids import parse_id
 from .peers import Peer
 from .queue import PENDING
 from .replica import Record
@@ -93,7 +92,7 @@ class StateTransfer:
         """Union ``records`` in; how many were new."""
         added = 0
         for record in records:
-            mid = parse_id(record.id)
+            mid = record.mid
             if mid.node != self.me:
                 if self.store.add(record):
                     added += 1
@@ -192,7 +191,7 @@ class StateTransfer:
         known = self.store.epochs.get(self.me, 0)
         epoch = max(known + 1, int(self._now() * 1000))
         self.store.note_epoch(self.me, epoch)
-        recovered = sorted(self._recovered.values(), key=lambda r: parse_id(r.id)[1:])
+        recovered = sorted(self._recovered.values(), key=lambda r: r.mid[1:])
         self._recovered.clear()
         self.recovering = False
         self.node.start_epoch(epoch)

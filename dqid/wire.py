@@ -64,8 +64,8 @@ def decode_records(data: bytes) -> list[Record]:
         offset += body_len
         if len(body) != body_len or fields[0] is None:
             raise ValueError("truncated record")
-        parse_id(fields[0])  # ValueError for an id dqid could not mint
-        records.append(Record(fields[0], body, fields[1], fields[2], deliveries))
+        mid = parse_id(fields[0])  # ValueError for an id dqid could not mint
+        records.append(Record(fields[0], body, fields[1], fields[2], deliveries, mid))
     return records
 
 
