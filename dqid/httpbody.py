@@ -48,12 +48,15 @@ class BoundedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         limit = self._limit()
-        if length is not None and length > limit:
+        if length is None:  # chunked: the size is known only at the end
+            self.content = _CappedBody(limit)
+        elif length > limit:
             self.body_too_large = True
             self.content = _CappedBody(0)
             self.content.overflowed = True
-        else:
-            self.content = _CappedBody(limit)
+        else:  # no more than the announced length arrives: nothing to cap
+            self.content = content = io.BytesIO()
+            content.overflowed = False
 
 
 class QuietSite(Site):
@@ -71,6 +74,9 @@ def bounded_site(resource: Any, max_body: int, max_batch_body: int) -> Site:
         (BoundedRequest,),
         {"max_body": max_body, "max_batch_body": max_batch_body},
     )
-    site = QuietSite(resource, requestFactory=request_class)
+    # A body is a message, never a form: no form parsing (it would cost an
+    # email-header parse per request with a Content-Type, and refuse a push
+    # typed multipart/form-data whose body is not a valid form).
+    site = QuietSite(resource, requestFactory=request_class, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
     return site

@@ -26,15 +26,20 @@ def node_id_from_hostname(hostname: str) -> str:
     return cleaned.strip("-") or "dqid"
 
 
+_PAIRS = [a + b for a in _DIGITS for b in _DIGITS]  # every two-digit group
+
+
 def to_base36(number: int) -> str:
-    if number < 0:
-        raise ValueError("negative number")
-    digits = []
-    while True:
-        number, rest = divmod(number, 36)
-        digits.append(_DIGITS[rest])
-        if not number:
-            return "".join(reversed(digits))
+    if number < 36:
+        if number < 0:
+            raise ValueError("negative number")
+        return _DIGITS[number]
+    groups = []
+    while number >= 1296:
+        number, rest = divmod(number, 1296)
+        groups.append(_PAIRS[rest])
+    groups.append(_PAIRS[number] if number >= 36 else _DIGITS[number])
+    return "".join(reversed(groups))
 
 
 class MessageId(NamedTuple):
@@ -50,16 +55,17 @@ def format_id(node: str, epoch: int, seq: int) -> str:
     return f"{node}.{to_base36(epoch)}.{to_base36(seq)}"
 
 
+# NODE.EPOCH.SEQ, EPOCH and SEQ with one spelling each: no leading zeros, so
+# copies of an id never diverge.
+_ID_RE = re.compile(
+    r"\A([A-Za-z0-9_-]{1,64})\.(0|[1-9a-z][0-9a-z]{0,12})\.(0|[1-9a-z][0-9a-z]{0,12})\Z"
+)
+
+
 def parse_id(text: str) -> MessageId:
     """Split a message id; ValueError if it is not one dqid could mint."""
-    parts = text.rsplit(".", 2)
-    if len(parts) != 3:
+    match = _ID_RE.match(text)
+    if match is None:
         raise ValueError(f"not a dqid message id: {text!r}")
-    node, epoch, seq = parts
-    if not (is_valid_node_id(node) and _B36_RE.match(epoch) and _B36_RE.match(seq)):
-        raise ValueError(f"not a dqid message id: {text!r}")
-    mid = MessageId(node, int(epoch, 36), int(seq, 36))
-    if to_base36(mid.epoch) != epoch or to_base36(mid.seq) != seq:
-        # One spelling per id: no leading zeros, so copies never diverge.
-        raise ValueError(f"not a dqid message id: {text!r}")
-    return mid
+    node, epoch, seq = match.groups()
+    return MessageId(node, int(epoch, 36), int(seq, 36))

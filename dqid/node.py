@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .idempotency import IdempotencyIndex, body_digest
-from .ids import format_id, parse_id
+from .ids import parse_id, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
 
 if TYPE_CHECKING:
@@ -38,14 +39,12 @@ class NotReplicated(Exception):
     """Not enough copies of a push could be made in time."""
 
 
-@dataclass(frozen=True)
-class PushItem:
+class PushItem(NamedTuple):
     body: bytes
     content_type: str | None = None
 
 
-@dataclass(frozen=True)
-class PushResult:
+class PushResult(NamedTuple):
     ids: list[str]
     created: bool  # False: an Idempotency-Key retry answered with the first id
 
@@ -89,6 +88,7 @@ class QueueNode:
         self.not_ready_reason: str | None = None
         self.fenced = False
         self._seq = 0
+        self._id_prefix = ("", -1)  # (f"{node_id}.{epoch in base 36}.", epoch)
         self._waiters: deque[_Waiter] = deque()
         self._lease_timer: IDelayedCall | None = None
         self._outcomes: dict[str, list[Deferred]] = {}
@@ -132,7 +132,11 @@ class QueueNode:
 
     def new_id(self) -> str:
         self._seq += 1
-        return format_id(self.node_id, self.epoch, self._seq)
+        prefix, epoch = self._id_prefix
+        if epoch != self.epoch:
+            prefix, epoch = self._id_prefix = (
+                f"{self.node_id}.{to_base36(self.epoch)}.", self.epoch)
+        return prefix + to_base36(self._seq)
 
     # -- push ----------------------------------------------------------------
 
@@ -140,25 +144,46 @@ class QueueNode:
         self, item: PushItem, idempotency_key: str | None = None
     ) -> PushResult:
         """Queue one message; with a key, a repeat answers the first id."""
+        result = self.push_now(item, idempotency_key)
+        if isinstance(result, Deferred):
+            return await result
+        return result
+
+    def push_now(
+        self, item: PushItem, idempotency_key: str | None = None
+    ) -> PushResult | Deferred:
+        """:meth:`push`, answered at once when nothing has to wait for a peer
+        (a standalone node, no key to look up): a PushResult, or else a
+        Deferred that fires with one."""
         if self.not_ready_reason is not None:
             raise NotReady(self.not_ready_reason)
-        digest = b""
         if idempotency_key is not None:
-            digest = body_digest(item.body)
-            now = self.clock.seconds()
-            first = self.idempotency.lookup(idempotency_key, digest, now)
-            if first is not None:
-                first = await self._confirm_first(idempotency_key, digest, first)
-            if first is not None:
-                return PushResult([first], created=False)
-        message_id = self.new_id()
-        messages = self.queue.reserve_many(
-            [(message_id, item.body, item.content_type, idempotency_key)]
-        )
-        if idempotency_key is not None:
-            self.idempotency.remember(idempotency_key, digest, message_id)
-        await self._accept(messages)
-        return PushResult([message_id], created=True)
+            return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
+        if self.replicator is None and self.cluster is None:  # nothing to wait for
+            message = self.queue.push(self.new_id(), item.body, item.content_type)
+            if self._waiters:
+                self._feed_waiters()
+            return PushResult([message.id], True)
+        message = self.queue.reserve(self.new_id(), item.body, item.content_type)
+        result = PushResult([message.id], True)
+        waiting = self._accept_now([message])
+        if waiting is None:
+            return result
+        return waiting.addCallback(lambda _: result)
+
+    async def _push_with_key(self, item: PushItem, idempotency_key: str) -> PushResult:
+        digest = body_digest(item.body)
+        now = self.clock.seconds()
+        first = self.idempotency.lookup(idempotency_key, digest, now)
+        if first is not None:
+            first = await self._confirm_first(idempotency_key, digest, first)
+        if first is not None:
+            return PushResult([first], created=False)
+        message = self.queue.reserve(self.new_id(), item.body, item.content_type,
+                                     idempotency_key)
+        self.idempotency.remember(idempotency_key, digest, message.id)
+        await self._accept([message])
+        return PushResult([message.id], created=True)
 
     async def _confirm_first(self, key: str, digest: bytes, first: str) -> str | None:
         """The accepted id of an earlier push under ``key``, or None when
@@ -195,25 +220,54 @@ class QueueNode:
 
     async def _accept(self, messages: list[Message]) -> None:
         """Replicate pending ``messages``, then make them ready."""
-        if self.replicator is None and self.cluster is not None:
-            self.replicator = self.cluster.replicate
-        if self.replicator is not None:
-            for message in messages:
-                self._outcomes[message.id] = []
-            try:
-                await self.replicator(messages)
-            except BaseException as reason:
-                for message in messages:
-                    self._withdraw(message)
-                    self._settle(message.id, reason)
-                if isinstance(reason, (NotReplicated, NotReady, CancelledError)):
-                    raise
-                raise NotReplicated(str(reason)) from reason
-            for message in messages:
-                self._settle(message.id, None)
+        waiting = self._accept_now(messages)
+        if waiting is not None:
+            await waiting
+
+    def _accept_now(self, messages: list[Message]) -> Deferred | None:
+        """Replicate pending ``messages``, then make them ready: None when
+        that is done at once (no replication), else a Deferred that fires
+        then (or fails with NotReplicated, NotReady or CancelledError)."""
+        replicator = self.replicator
+        if replicator is None and self.cluster is not None:
+            replicator = self.replicator = self.cluster.replicate
+        if replicator is None:
+            self._commit(messages)
+            return None
         for message in messages:
-            self.queue.commit(message.id)
-        self._feed_waiters()
+            self._outcomes[message.id] = []
+        try:
+            waiting = replicator(messages)
+        except BaseException as reason:
+            self._not_accepted(reason, messages)
+        if not isinstance(waiting, Deferred):
+            waiting = ensureDeferred(waiting)
+        return waiting.addCallbacks(
+            self._replicated, self._not_accepted,
+            callbackArgs=(messages,), errbackArgs=(messages,),
+        )
+
+    def _replicated(self, _: object, messages: list[Message]) -> None:
+        for message in messages:
+            self._settle(message.id, None)
+        self._commit(messages)
+
+    def _not_accepted(self, reason: BaseException | Failure, messages: list[Message]) -> None:
+        if isinstance(reason, Failure):
+            reason = reason.value
+        for message in messages:
+            self._withdraw(message)
+            self._settle(message.id, reason)
+        if isinstance(reason, (NotReplicated, NotReady, CancelledError)):
+            raise reason
+        raise NotReplicated(str(reason)) from reason
+
+    def _commit(self, messages: list[Message]) -> None:
+        commit = self.queue.commit
+        for message in messages:
+            commit(message.id)
+        if self._waiters:
+            self._feed_waiters()
 
     def _withdraw(self, message: Message) -> None:
         if message.id in self.queue and message.state == PENDING:
@@ -259,6 +313,15 @@ class QueueNode:
         self._waiters.append(waiter)
         return await waiter.deferred
 
+    def get_now(self, visibility: float, wait: float = 0.0,
+                count: int = 1) -> list[Any] | Deferred:
+        """:meth:`get`, answered at once when this node has ready work (or
+        nothing can come): a list, or else a Deferred that fires with one."""
+        taken = self._take(count, visibility)
+        if taken or (self.cluster is None and wait <= 0):
+            return taken
+        return Deferred.fromCoroutine(self.get(visibility, wait, count))
+
     def take_own(self, count: int, visibility: float) -> list[Message]:
         return self._take(count, visibility)
 
@@ -288,17 +351,18 @@ class QueueNode:
         return True
 
     def _take(self, count: int, visibility: float) -> list[Message]:
-        if self.fenced:
+        queue = self.queue
+        if self.fenced or not queue.ready:
             return []
         now = self.clock.seconds()
         taken = []
         for _ in range(count):
-            message = self.queue.take(now, visibility)
+            message = queue.take(now, visibility)
             if message is None:
                 break
             taken.append(message)
         if taken:
-            self._schedule_expiry()
+            self._schedule_expiry(now + visibility)
         return taken
 
     def _wait_over(self, waiter: _Waiter) -> None:
@@ -323,6 +387,15 @@ class QueueNode:
                 waiter.timer.cancel()
             waiter.timer = None
             waiter.deferred.callback(taken)
+
+    def ack_now(self, message_id: str) -> Deferred | None:
+        """:meth:`ack`, done at once for a message of this node's queue:
+        None, or else a Deferred."""
+        message = self.queue.get(message_id)  # our queue holds our ids only
+        if message is not None and message.state != PENDING and not self.fenced:
+            self.ack_own(message_id)
+            return None
+        return Deferred.fromCoroutine(self.ack(message_id))
 
     async def ack(self, message_id: str) -> None:
         """Ack a message of any owner (the cluster forwards or tombstones)."""
@@ -362,6 +435,14 @@ class QueueNode:
         """Extend the lease of a message of any owner."""
         await self._change_lease(message_id, visibility)
 
+    def lease_now(self, message_id: str, visibility: float) -> Deferred | None:
+        """Nack (``visibility`` 0) or touch, done at once for a message of
+        this node's queue: None, or else a Deferred."""
+        if message_id in self.queue and not self.fenced:  # our ids only
+            self.change_own_lease(message_id, visibility)
+            return None
+        return Deferred.fromCoroutine(self._change_lease(message_id, visibility))
+
     async def _change_lease(self, message_id: str, visibility: float) -> None:
         try:
             mid = parse_id(message_id)
@@ -380,8 +461,9 @@ class QueueNode:
             message = self.queue.nack(message_id)
             self._feed_waiters()
         else:
-            message = self.queue.touch(message_id, self.clock.seconds(), visibility)
-            self._schedule_expiry()
+            now = self.clock.seconds()
+            message = self.queue.touch(message_id, now, visibility)
+            self._schedule_expiry(now + visibility)
         return message
 
     def lookup(self, message_id: str) -> Message:
@@ -392,9 +474,14 @@ class QueueNode:
 
     # -- the lease timer -----------------------------------------------------
 
-    def _schedule_expiry(self) -> None:
-        deadline = self.queue.next_deadline()
+    def _schedule_expiry(self, added: float | None = None) -> None:
+        """Set the one lease timer for the earliest live lease.  ``added``:
+        the deadline of a lease just given, when that is all that changed."""
         timer = self._lease_timer
+        if (added is not None and timer is not None and timer.getTime() <= added
+                and timer.active()):
+            return  # due no later than the new lease: nothing to move
+        deadline = self.queue.next_deadline()
         if deadline is None:
             if timer is not None and timer.active():
                 timer.cancel()

@@ -6,53 +6,25 @@ translation from domain exceptions happens once, in ``handle_errors``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import math
-from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .idempotency import IdempotencyConflict
-from .node import NotReady, NotReplicated, PushItem, QueueNode
+from .node import NotReady, NotReplicated, PushItem, PushResult, QueueNode
+from .http_io import (
+    MAX_BATCH, MAX_GET_COUNT, MAX_VISIBILITY, MAX_WAIT, RETRY_AFTER_FULL,
+    RETRY_AFTER_UNAVAILABLE, _HEALTHY, _READY, ApiError, answer, bad_request,
+    batch_body_limit, content_type_header, content_type_text, decode_batch,
+    encode_message, int_arg, json_body, no_content, number_arg, read_body,
+)
+from .lean_resource import LeanKleinResource
 from .queue import Message, NotLeased, QueueFull, UnknownMessage
-
-MAX_VISIBILITY = 43200.0
-MAX_WAIT = 20.0
-MAX_GET_COUNT = 100
-MAX_BATCH = 1000
-MAX_BATCH_BODY = 32 * 1024 * 1024  # bytes of JSON in one batch request
-RETRY_AFTER_FULL = "1"
-RETRY_AFTER_UNAVAILABLE = "1"
-
-
-class ApiError(Exception):
-    """An answer other than success, with its status and JSON code."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        self.extra = extra or {}
-
-
-def bad_request(message: str, code: str = "bad_request") -> ApiError:
-    return ApiError(400, code, message)
 
 
 def _translate(failure: Failure) -> ApiError:
@@ -100,149 +72,6 @@ def _translate(failure: Failure) -> ApiError:
     return ApiError(500, "internal", "internal error")
 
 
-# Reason phrases twisted.web does not know.
-_PHRASES = {429: b"Too Many Requests"}
-
-
-def json_body(request: IRequest, status: int, payload: Any) -> bytes:
-    request.setResponseCode(status, _PHRASES.get(status))
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
-
-
-def _arg(request: IRequest, name: str) -> str | None:
-    values = request.args.get(name.encode("ascii"))
-    if not values:
-        return None
-    try:
-        return values[-1].decode("ascii")
-    except UnicodeDecodeError:
-        raise bad_request(f"{name} must be a number") from None
-
-
-def number_arg(
-    request: IRequest, name: str, default: float, low: float, high: float,
-    low_open: bool,
-) -> float:
-    """A query number in (low, high] when ``low_open`` else [low, high]."""
-    text = _arg(request, name)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise bad_request(f"{name} must be a number, got {text!r}") from None
-    too_low = value <= low if low_open else value < low
-    if math.isnan(value) or too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise bad_request(f"{name} must be in {bracket}{low:g}, {high:g}], got {text}")
-    return value
-
-
-def int_arg(request: IRequest, name: str, low: int, high: int) -> int | None:
-    text = _arg(request, name)
-    if text is None:
-        return None
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise bad_request(f"{name} must be a whole number in [{low}, {high}], got {text!r}")
-    return int(text)
-
-
-def read_body(request: IRequest, limit: int) -> bytes:
-    """The request body, or 413 if it is (or was announced) over ``limit``."""
-    content = request.content
-    if getattr(request, "body_too_large", False) or getattr(content, "overflowed", False):
-        raise too_large(limit)
-    content.seek(0)
-    body = content.read(limit + 1)
-    if len(body) > limit:
-        raise too_large(limit)
-    return body
-
-
-def batch_body_limit(max_message_bytes: int) -> int:
-    """Bytes a batch request may carry: one largest message, base64, at least."""
-    return max(MAX_BATCH_BODY, max_message_bytes * 4 // 3 + 4096)
-
-
-def too_large(limit: int, entry: int | None = None) -> ApiError:
-    where = "" if entry is None else f"message {entry}: "
-    return ApiError(
-        413, "message_too_large", f"{where}a message may have at most {limit} bytes",
-        extra={} if entry is None else {"index": entry},
-    )
-
-
-def encode_message(message: Message) -> dict[str, Any]:
-    """A delivered message as a JSON object (batch get)."""
-    entry: dict[str, Any] = {"id": message.id}
-    try:
-        entry["body"] = message.body.decode("utf-8")
-    except UnicodeDecodeError:
-        entry["body"] = base64.b64encode(message.body).decode("ascii")
-        entry["encoding"] = "base64"
-    entry["content_type"] = message.content_type or "application/octet-stream"
-    entry["deliveries"] = message.deliveries
-    return entry
-
-
-def decode_batch(raw: bytes, limit: int) -> list[PushItem]:
-    """``{"messages": [{"body", "encoding"?, "content_type"?}, ...]}``."""
-    try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise bad_request("the body must be JSON") from None
-    entries = document.get("messages") if isinstance(document, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise bad_request('the body must be {"messages": [...]} with at least one message')
-    if len(entries) > MAX_BATCH:
-        raise bad_request(f"a batch holds at most {MAX_BATCH} messages")
-    items = []
-    for index, entry in enumerate(entries):
-        items.append(_decode_entry(index, entry, limit))
-    return items
-
-
-def _is_header_value(text: str) -> bool:
-    return text.isprintable() and all(ord(c) < 256 for c in text)
-
-
-def _decode_entry(index: int, entry: Any, limit: int) -> PushItem:
-    def bad(what: str) -> ApiError:
-        error = bad_request(f"message {index}: {what}")
-        error.extra["index"] = index
-        return error
-
-    if not isinstance(entry, dict) or not isinstance(entry.get("body"), str):
-        raise bad('needs a "body" string')
-    encoding = entry.get("encoding")
-    content_type = entry.get("content_type")
-    if content_type is not None and not isinstance(content_type, str):
-        raise bad('"content_type" must be a string')
-    if content_type is not None and not _is_header_value(content_type):
-        # It goes back out as a header of GET /get: latin-1, no controls.
-        raise bad('"content_type" must be printable text that fits a header')
-    if encoding is None:
-        try:
-            body = entry["body"].encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
-            raise bad("the body is not valid Unicode text") from None
-    elif encoding == "base64":
-        try:
-            body = base64.b64decode(entry["body"], validate=True)
-        except (binascii.Error, ValueError):
-            raise bad("the body is not valid base64") from None
-    else:
-        raise bad(f'unknown encoding {encoding!r} (only "base64")')
-    if not body:
-        error = bad("the body is empty")
-        error.code = "empty_message"
-        raise error
-    if len(body) > limit:
-        raise too_large(limit, index)
-    return PushItem(body, content_type)
-
-
 class HttpApi:
     """The Klein app: routes of DESIGN.md's HTTP API over one QueueNode."""
 
@@ -253,8 +82,8 @@ class HttpApi:
         self.node = node
         self.max_message_bytes = max_message_bytes
 
-    def resource(self):
-        return self.app.resource()
+    def resource(self) -> LeanKleinResource:
+        return LeanKleinResource(self.app, self._error)
 
     # -- errors --------------------------------------------------------------
 
@@ -269,20 +98,34 @@ class HttpApi:
         for name, value in error.headers.items():
             request.setHeader(name.encode("ascii"), value.encode("ascii"))
         payload = {"error": error.code, "message": error.message, **error.extra}
-        return json_body(request, error.status, payload)
+        body = json_body(request, error.status, payload)
+        # Also when KleinResource answers (unknown path, wrong method): not chunked.
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     # -- push ----------------------------------------------------------------
 
+    # Handlers return bytes when they can answer at once, else a Deferred:
+    # no coroutine for what never waits.
+
     @app.route("/push", methods=["POST"])
-    async def push(self, request: IRequest) -> bytes:
+    def push(self, request: IRequest) -> bytes | Deferred:
         body = read_body(request, self.max_message_bytes)
         if not body:
             raise bad_request("the message body is empty", "empty_message")
         key = self._idempotency_key(request)
-        content_type = request.getHeader(b"content-type")
-        item = PushItem(body, content_type.decode("latin-1") if content_type else None)
-        result = await self.node.push(item, key)
-        return json_body(request, 201 if result.created else 200, {"id": result.ids[0]})
+        raw_type = request.getHeader(b"content-type")
+        item = PushItem(body, content_type_text(raw_type) if raw_type else None)
+        result = self.node.push_now(item, key)
+        if isinstance(result, PushResult):
+            return self._pushed(result, request)
+        return result.addCallback(self._pushed, request)
+
+    @staticmethod
+    def _pushed(result: PushResult, request: IRequest) -> bytes:
+        # Ids are URL-safe ASCII: nothing to escape.
+        return answer(request, 201 if result.created else 200,
+                      b'{"id":"%s"}' % result.ids[0].encode("ascii"))
 
     @app.route("/push/batch", methods=["POST"])
     async def push_batch(self, request: IRequest) -> bytes:
@@ -307,36 +150,42 @@ class HttpApi:
     # -- get -----------------------------------------------------------------
 
     @app.route("/get", methods=["GET", "POST"])
-    async def get(self, request: IRequest) -> bytes:
+    def get(self, request: IRequest) -> bytes | Deferred:
         if request.method == b"HEAD":  # werkzeug adds HEAD; it must not lease
             raise MethodNotAllowed(valid_methods=["GET", "POST"])
-        visibility = number_arg(
-            request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
-        )
-        wait = number_arg(request, "wait", 0.0, 0.0, MAX_WAIT, False)
-        count = int_arg(request, "count", 1, MAX_GET_COUNT)
-        taken = await self.node.get(visibility, wait, count or 1)
+        if request.args:
+            visibility = number_arg(
+                request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY,
+                True,
+            )
+            wait = number_arg(request, "wait", 0.0, 0.0, MAX_WAIT, False)
+            count = int_arg(request, "count", 1, MAX_GET_COUNT)
+        else:
+            visibility, wait, count = self.node.default_visibility, 0.0, None
+        taken = self.node.get_now(visibility, wait, count or 1)
+        if isinstance(taken, list):
+            return self._deliver(taken, request, count)
+        return taken.addCallback(self._deliver, request, count)
+
+    @staticmethod
+    def _deliver(taken: list[Message], request: IRequest, count: int | None) -> bytes:
         if not taken:
-            request.setResponseCode(204)
-            return b""
+            return no_content(request)
         if count is not None:
             return json_body(request, 200, {"messages": [encode_message(m) for m in taken]})
         message = taken[0]
         request.setHeader(b"Dqid-Id", message.id.encode("ascii"))
-        request.setHeader(b"Dqid-Deliveries", str(message.deliveries).encode("ascii"))
-        request.setHeader(
-            b"Content-Type",
-            (message.content_type or "application/octet-stream").encode("latin-1"),
-        )
-        return message.body
+        request.setHeader(b"Dqid-Deliveries", b"%d" % message.deliveries)
+        return answer(request, 200, message.body, content_type_header(message.content_type))
 
     # -- ack, nack, touch ----------------------------------------------------
 
     @app.route("/ack/<message_id>", methods=["POST"])
-    async def ack(self, request: IRequest, message_id: str) -> bytes:
-        await self.node.ack(message_id)
-        request.setResponseCode(204)
-        return b""
+    def ack(self, request: IRequest, message_id: str) -> bytes | Deferred:
+        waiting = self.node.ack_now(message_id)
+        if waiting is not None:
+            return waiting.addCallback(lambda _: no_content(request))
+        return no_content(request)
 
     @app.route("/ack", methods=["POST"])
     async def ack_batch(self, request: IRequest) -> bytes:
@@ -352,7 +201,9 @@ class HttpApi:
         acked, unknown = [], []
         for message_id in ids:
             try:
-                await self.node.ack(message_id)
+                waiting = self.node.ack_now(message_id)
+                if waiting is not None:
+                    await waiting
             except UnknownMessage:
                 unknown.append(message_id)
             else:
@@ -360,19 +211,22 @@ class HttpApi:
         return json_body(request, 200, {"acked": acked, "unknown": unknown})
 
     @app.route("/nack/<message_id>", methods=["POST"])
-    async def nack(self, request: IRequest, message_id: str) -> bytes:
-        await self.node.nack(message_id)
-        request.setResponseCode(204)
-        return b""
+    def nack(self, request: IRequest, message_id: str) -> bytes | Deferred:
+        return self._lease(request, message_id, 0.0)
 
     @app.route("/touch/<message_id>", methods=["POST"])
-    async def touch(self, request: IRequest, message_id: str) -> bytes:
+    def touch(self, request: IRequest, message_id: str) -> bytes | Deferred:
         visibility = number_arg(
             request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
         )
-        await self.node.touch(message_id, visibility)
-        request.setResponseCode(204)
-        return b""
+        return self._lease(request, message_id, visibility)
+
+    def _lease(self, request: IRequest, message_id: str,
+               visibility: float) -> bytes | Deferred:
+        waiting = self.node.lease_now(message_id, visibility)
+        if waiting is not None:
+            return waiting.addCallback(lambda _: no_content(request))
+        return no_content(request)
 
     # -- introspection -------------------------------------------------------
 
@@ -382,11 +236,11 @@ class HttpApi:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        return json_body(request, 200, {"status": "ok"})
+        return answer(request, 200, _HEALTHY)
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: IRequest) -> bytes:
         reason = self.node.readiness()
         if reason is None:
-            return json_body(request, 200, {"status": "ready"})
+            return answer(request, 200, _READY)
         return json_body(request, 503, {"status": "not_ready", "reason": reason})

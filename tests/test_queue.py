@@ -671,3 +671,58 @@ def test_counters_over_a_message_life():
 def test_counters_as_dict_has_the_stats_fields():
     keys = set(Counters().as_dict())
     assert {"pushed", "delivered", "redelivered", "acked", "rejected_full"} <= keys
+
+
+# -- memory follows the queue ---------------------------------------------------
+
+
+def line_entries(queue: WorkQueue) -> tuple[int, int]:
+    """Entries held by the ready line and the lease line, stale ones included."""
+    ready = len(queue._ready) + len(queue._ready_heap)
+    leases = len(queue._leases) + len(queue._lease_heap)
+    return ready, leases
+
+
+def test_acks_of_ready_messages_do_not_pile_up_in_the_ready_line():
+    queue = WorkQueue(10)
+    for n in range(10000):
+        queue.push(f"m{n}", b"")
+        queue.ack(f"m{n}")  # acked in place, never taken
+    assert queue.depth == 0 and queue.ready == 0
+    assert line_entries(queue)[0] <= 200
+    queue.push("last", b"")
+    assert drain(queue) == ["last"]
+
+
+def test_acked_leases_do_not_pile_up_in_the_lease_line():
+    queue = WorkQueue(10)
+    for n in range(10000):
+        queue.push(f"m{n}", b"")
+        assert queue.take(float(n), 300.0).id == f"m{n}"
+        queue.ack(f"m{n}")  # the lease stays due in 300 s
+    assert queue.leased == 0 and queue.next_deadline() is None
+    assert line_entries(queue)[1] <= 200
+
+
+def test_touched_leases_do_not_pile_up_in_the_lease_line():
+    queue = filled(5, "a", "b")
+    queue.take(0.0, 10.0)
+    queue.take(0.0, 10.0)
+    for n in range(10000):
+        queue.touch("a", float(n), 10.0)
+    assert line_entries(queue)[1] <= 200
+    assert queue.next_deadline() == 10.0  # b's
+    assert queue.expire(10.0) == 1
+    assert queue.next_deadline() == 9999.0 + 10.0
+    assert queue.expire(10009.0) == 1
+    assert drain(queue, 10009.0) == ["a", "b"]
+
+
+def test_redeliveries_and_first_deliveries_interleave_by_place_in_line():
+    queue = filled(10, "a", "b", "c", "d")
+    assert queue.take(0.0, 1.0).id == "a"
+    assert queue.take(0.0, 2.0).id == "b"
+    assert queue.take(0.0, 3.0).id == "c"
+    queue.nack("c")
+    queue.expire(2.0)  # a and b back
+    assert drain(queue, 2.0) == ["a", "b", "c", "d"]

@@ -35,6 +35,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from dqid import queue as queue_module
 from dqid.queue import LEASED, PENDING, READY, NotLeased, QueueFull, UnknownMessage, WorkQueue
 
 visibilities = st.floats(min_value=0.001, max_value=20.0, allow_nan=False)
@@ -291,6 +292,24 @@ QueueMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestQueue = QueueMachine.TestCase
+
+
+class CompactingQueueMachine(QueueMachine):
+    """The same machine with the queue's lines compacted at every chance
+    (no slack for stale entries), so compaction runs between any two steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slack = queue_module._SLACK
+        queue_module._SLACK = 0
+
+    def teardown(self) -> None:
+        queue_module._SLACK = self.slack
+        super().teardown()
+
+
+CompactingQueueMachine.TestCase.settings = QueueMachine.TestCase.settings
+TestCompactingQueue = CompactingQueueMachine.TestCase
 
 
 class TestRedeliveryPlace:
