@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -198,16 +198,20 @@ class HttpApi:
             raise bad_request('the body must be {"ids": ["...", ...]}')
         if len(ids) > MAX_BATCH:
             raise bad_request(f"at most {MAX_BATCH} ids at once")
-        acked, unknown = [], []
+        # Start every ack before waiting for any: acks forwarded to one
+        # owner in one turn travel as one call.
+        outcomes = []
         for message_id in ids:
-            try:
-                waiting = self.node.ack_now(message_id)
-                if waiting is not None:
-                    await waiting
-            except UnknownMessage:
+            outcomes.append(maybeDeferred(self.node.ack_now, message_id))
+        results = await DeferredList(outcomes, consumeErrors=True)
+        acked, unknown = [], []
+        for message_id, (ok, result) in zip(ids, results):
+            if ok:
+                acked.append(message_id)
+            elif result.check(UnknownMessage):
                 unknown.append(message_id)
             else:
-                acked.append(message_id)
+                result.raiseException()
         return json_body(request, 200, {"acked": acked, "unknown": unknown})
 
     @app.route("/nack/<message_id>", methods=["POST"])
