@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from sys import intern
 from typing import Iterable
 
 from .ids import parse_id
@@ -42,30 +43,34 @@ def encode_records(messages: Iterable[MessageLike]) -> bytes:
 
 
 def decode_records(data: bytes) -> list[Record]:
-    records = []
-    view = memoryview(data)
-    offset = 0
+    records: list[Record] = []
+    append = records.append
+    unpack = _HEADER.unpack_from
     size = _HEADER.size
-    while offset < len(data):
-        if offset + size > len(data):
+    end = len(data)
+    offset = 0
+    while offset < end:
+        stop = offset + size
+        if stop > end:
             raise ValueError("truncated record header")
-        id_len, ct_len, key_len, deliveries, body_len = _HEADER.unpack_from(data, offset)
-        offset += size
-        fields = []
-        for length in (id_len, ct_len, key_len):
-            if length == _NONE:
-                fields.append(None)
-                continue
-            if offset + length > len(data):
-                raise ValueError("truncated record")
-            fields.append(bytes(view[offset:offset + length]).decode("utf-8"))
-            offset += length
-        body = bytes(view[offset:offset + body_len])
-        offset += body_len
-        if len(body) != body_len or fields[0] is None:
+        id_len, ct_len, key_len, deliveries, body_len = unpack(data, offset)
+        if id_len == _NONE:
+            raise ValueError("record without an id")
+        offset, stop = stop, stop + id_len
+        message_id = data[offset:stop].decode("utf-8")
+        content_type = key = None
+        if ct_len != _NONE:
+            offset, stop = stop, stop + ct_len
+            content_type = intern(data[offset:stop].decode("utf-8"))
+        if key_len != _NONE:
+            offset, stop = stop, stop + key_len
+            key = data[offset:stop].decode("utf-8")
+        offset, stop = stop, stop + body_len
+        if stop > end:
             raise ValueError("truncated record")
-        mid = parse_id(fields[0])  # ValueError for an id dqid could not mint
-        records.append(Record(fields[0], body, fields[1], fields[2], deliveries, mid))
+        mid = parse_id(message_id)  # ValueError for an id dqid could not mint
+        append(Record(message_id, data[offset:stop], content_type, key, deliveries, mid))
+        offset = stop
     return records
 
 
