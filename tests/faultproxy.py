@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -57,7 +55,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory, Protocol
 
-from .procs import free_port, http
+from .procs import free_port, http, stop_process
 
 MODES = ("pass", "blackhole", "reset")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -455,16 +453,7 @@ class FaultProxy:
 
     def stop(self) -> int | None:
         """SIGTERM by PID, SIGKILL after 5 s; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, 5)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -59,6 +59,21 @@ def http(
         conn.close()
 
 
+def stop_process(proc: subprocess.Popen | None, grace: float) -> int | None:
+    """SIGTERM ``proc`` by its PID, SIGKILL it if it has not gone within
+    ``grace`` seconds; its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc.returncode
+
+
 def wait_for_200(
     request: Callable[..., Reply],
     path: str,
@@ -147,15 +162,7 @@ class DqidProcess:
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it does not go within 10 s."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
+        return stop_process(self.proc, 10)
 
     def log_text(self) -> str:
         parts = []

@@ -146,6 +146,11 @@ def start_haproxy(workdir: Path, listen_port: int, node_ports: Sequence[int],
     _check([binary, "-c", "-f", str(config)], "haproxy")
     proxy = ProxyProcess("haproxy", workdir, listen_port,
                          [binary, "-db", "-f", str(config)], config)
+    return _launch(proxy, timeout)
+
+
+def _launch(proxy: ProxyProcess, timeout: float) -> ProxyProcess:
+    """Start ``proxy`` and wait until GET /health answers through it."""
     proxy.start()
     try:
         proxy.wait_for("/health", timeout)
@@ -172,13 +177,7 @@ def start_nginx(workdir: Path, listen_port: int, node_ports: Sequence[int],
     _check([*base, "-t"], "nginx")
     proxy = ProxyProcess("nginx", workdir, listen_port, base, config,
                          extra_logs=[workdir / "error.log"])
-    proxy.start()
-    try:
-        proxy.wait_for("/health", timeout)
-    except BaseException:
-        proxy.stop()
-        raise
-    return proxy
+    return _launch(proxy, timeout)
 
 
 STARTERS = {"haproxy": start_haproxy, "nginx": start_nginx}
