@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, NamedTuple, NoReturn, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -252,7 +252,7 @@ class QueueNode:
             self._settle(message.id, None)
         self._commit(messages)
 
-    def _not_accepted(self, reason: BaseException | Failure, messages: list[Message]) -> None:
+    def _not_accepted(self, reason: BaseException | Failure, messages: list[Message]) -> NoReturn:
         if isinstance(reason, Failure):
             reason = reason.value
         for message in messages:
