@@ -324,6 +324,9 @@ class FakeNode:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # A connection the proxy resets between select() and accept() would
+        # block a blocking accept() for good, and shutdown() with it.
+        self.server.socket.settimeout(1.0)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
