@@ -109,6 +109,10 @@ class Cluster(Replication, Routing, StateTransfer):
     def _now(self) -> float:
         return self.clock.seconds()
 
+    def linked(self) -> list[Peer]:
+        """Peers with a hello'd link, answering or not."""
+        return [p for p in self.peers.values() if p.links]
+
     def connected(self) -> list[Peer]:
         now = self._now()
         return [p for p in self.peers.values() if p.is_connected(now)]

@@ -71,13 +71,15 @@ class Replication:
         batch, self._batch = self._batch, None
         if batch is None or not batch.messages:
             return
-        holders = self.connected()
-        counting = sum(1 for p in holders if p.serving)
+        counting = sum(1 for p in self.connected() if p.serving)
         if self.min_copies > 1 and counting + 1 < self.min_copies:
             self._fail_batch(
                 batch, f"only {counting + 1} of {self.min_copies} required copies reachable"
             )
             return
+        # Every peer with a link gets the copies, even one whose heartbeat is
+        # late: a missed copy is only restored when the link drops.
+        holders = self.linked()
         batch.targets = len(holders)
         for peer in holders:
             peer.backlog.append(batch)
@@ -191,7 +193,9 @@ class Replication:
         if tombstones is None:
             return
         payload = encode_tombstones(tombstones)
-        for peer in self.connected():
+        # Every peer with a link, even one whose heartbeat is late: a missed
+        # tombstone is only restored when the link drops.
+        for peer in self.linked():
             link = peer.link()
             assert link is not None
             d = self._call(link, cmd.Forget, tombstones=payload)
