@@ -34,7 +34,7 @@ from .replica import Record, ReplicaStore
 from .replication import REPLICATION_TIMEOUT, Replication, _Batch
 from .routing import Routing
 from .tombstones import Tombstones
-from .transfer import RECOVERY_GRACE, StateTransfer, _SyncSession
+from .transfer import ANTI_ENTROPY_INTERVAL, RECOVERY_GRACE, StateTransfer, _SyncSession
 
 __all__ = ["Cluster", "CALL_TIMEOUT", "RECOVERY_GRACE", "REPLICATION_TIMEOUT"]
 
@@ -311,6 +311,8 @@ class Cluster(Replication, Routing, StateTransfer):
             if now - peer.last_seen > DEAD_AFTER:
                 self._peer_down(peer)
                 continue
+            if peer.synced and now - peer.synced_at > ANTI_ENTROPY_INTERVAL:
+                self._start_sync(peer, again=True)
             d = self._call(
                 link, cmd.Heartbeat, timeout=DEAD_AFTER, node=self.me,
                 epoch=self.epoch, ready=self.node.queue.ready, serving=self.serving,

@@ -36,6 +36,7 @@ class Peer:
     synced: bool = False  # a full sync from it finished since it came up
     synced_serving: bool = False  # ... and it was serving at the time
     syncing: bool = False
+    synced_at: float = float("-inf")
     in_flight: int = 0  # Replicate calls sent and not answered
     backlog: list[Any] = field(default_factory=list)  # batches waiting to go
     down_logged: bool = True

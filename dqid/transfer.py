@@ -30,6 +30,9 @@ SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
 SYNC_SESSION_IDLE = 60.0
 RESYNC_DELAY = 1.0
+# Anti-entropy: each peer's state is pulled again this often, so a copy or
+# tombstone that missed a peer whose link never dropped still arrives.
+ANTI_ENTROPY_INTERVAL = 10.0
 # A recovering node waits up to this long for every peer to sync.
 RECOVERY_GRACE = 2.0
 
@@ -43,8 +46,9 @@ class _SyncSession:
 class StateTransfer:
     """Pulling a peer's whole state, and recovery at start."""
 
-    def _start_sync(self, peer: Peer) -> None:
-        if peer.synced or peer.syncing or not peer.links:
+    def _start_sync(self, peer: Peer, again: bool = False) -> None:
+        """Pull ``peer``'s state once it is up (``again``: anti-entropy)."""
+        if (peer.synced and not again) or peer.syncing or not peer.links:
             return
         peer.syncing = True
         d = Deferred.fromCoroutine(self._sync_from(peer))
@@ -77,7 +81,8 @@ class StateTransfer:
         if not peer.links:
             return
         peer.synced = True
-        peer.synced_serving = serving
+        peer.synced_serving = peer.synced_serving or serving
+        peer.synced_at = self._now()
         self.log.info("synced {count} records from {peer}", count=count, peer=peer.node_id)
         self._maybe_finish_recovery()
 
