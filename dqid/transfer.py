@@ -80,10 +80,12 @@ class StateTransfer:
         peer.syncing = False
         if not peer.links:
             return
+        again = peer.synced  # periodic anti-entropy, not a peer coming up
         peer.synced = True
         peer.synced_serving = peer.synced_serving or serving
         peer.synced_at = self._now()
-        self.log.info("synced {count} records from {peer}", count=count, peer=peer.node_id)
+        log = self.log.debug if again else self.log.info
+        log("synced {count} records from {peer}", count=count, peer=peer.node_id)
         self._maybe_finish_recovery()
 
     def _merge_epochs(self, epochs: dict[str, int]) -> None:
