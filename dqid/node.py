@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, NamedTuple, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, NoReturn, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,10 +49,6 @@ class PushResult(NamedTuple):
     created: bool  # False: an Idempotency-Key retry answered with the first id
 
 
-# replicate(messages) -> fires when enough copies exist, fails otherwise.
-Replicator = Callable[[Sequence[Message]], Awaitable[None]]
-
-
 @dataclass(eq=False)
 class _Waiter:
     count: int
@@ -74,7 +70,6 @@ class QueueNode:
         visibility: float = 30.0,
         min_copies: int = 1,
         idempotency_window: float = 300.0,
-        replicator: Replicator | None = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
@@ -83,7 +78,6 @@ class QueueNode:
         self.min_copies = min_copies
         self.queue = WorkQueue(size)
         self.idempotency = IdempotencyIndex(idempotency_window)
-        self.replicator = replicator
         self.cluster: Cluster | None = None
         self.not_ready_reason: str | None = None
         self.fenced = False
@@ -159,7 +153,7 @@ class QueueNode:
             raise NotReady(self.not_ready_reason)
         if idempotency_key is not None:
             return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
-        if self.replicator is None and self.cluster is None:  # nothing to wait for
+        if self.cluster is None:  # nothing to wait for
             message = self.queue.push(self.new_id(), item.body, item.content_type)
             if self._waiters:
                 self._feed_waiters()
@@ -228,20 +222,15 @@ class QueueNode:
         """Replicate pending ``messages``, then make them ready: None when
         that is done at once (no replication), else a Deferred that fires
         then (or fails with NotReplicated, NotReady or CancelledError)."""
-        replicator = self.replicator
-        if replicator is None and self.cluster is not None:
-            replicator = self.replicator = self.cluster.replicate
-        if replicator is None:
+        if self.cluster is None:
             self._commit(messages)
             return None
         for message in messages:
             self._outcomes[message.id] = []
         try:
-            waiting = replicator(messages)
+            waiting = self.cluster.replicate(messages)
         except BaseException as reason:
             self._not_accepted(reason, messages)
-        if not isinstance(waiting, Deferred):
-            waiting = ensureDeferred(waiting)
         return waiting.addCallbacks(
             self._replicated, self._not_accepted,
             callbackArgs=(messages,), errbackArgs=(messages,),
@@ -426,14 +415,6 @@ class QueueNode:
         if message.key is not None:
             self.idempotency.released(message.key, self.clock.seconds())
         return message
-
-    async def nack(self, message_id: str) -> None:
-        """Make a leased message of any owner ready again now."""
-        await self._change_lease(message_id, 0.0)
-
-    async def touch(self, message_id: str, visibility: float) -> None:
-        """Extend the lease of a message of any owner."""
-        await self._change_lease(message_id, visibility)
 
     def lease_now(self, message_id: str, visibility: float) -> Deferred | None:
         """Nack (``visibility`` 0) or touch, done at once for a message of
