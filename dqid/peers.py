@@ -51,6 +51,10 @@ class Peer:
     def is_connected(self, now: float) -> bool:
         return bool(self.links) and now - self.last_seen <= DEAD_AFTER
 
+    def serving_link(self, now: float) -> PeerProtocol | None:
+        """The link to call when the peer serves and answers, else None."""
+        return self.link() if self.serving and self.is_connected(now) else None
+
     def stats(self, now: float, held: int) -> dict[str, Any]:
         return {
             "connected": self.is_connected(now),

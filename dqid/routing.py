@@ -37,7 +37,7 @@ class Routing:
         owner = self.peers.get(mid.node)
         if owner is None or self.store.is_tombstoned(message_id):
             raise UnknownMessage(message_id)
-        if owner.serving and owner.is_connected(self._now()):
+        if owner.serving_link(self._now()) is not None:
             if await self._forward_ack(owner, message_id):
                 self._released(self.store.tombstone(message_id))
                 return
@@ -89,8 +89,8 @@ class Routing:
         owner = self.peers.get(mid.node)
         if owner is None or self.store.is_tombstoned(message_id):
             raise UnknownMessage(message_id)
-        link = owner.link()
-        if link is None or not owner.serving or not owner.is_connected(self._now()):
+        link = owner.serving_link(self._now())
+        if link is None:
             raise NotReady(f"the owner of {message_id} ({mid.node}) is unreachable")
         try:
             answer = await self._call(link, cmd.Lease, id=message_id,
@@ -120,9 +120,8 @@ class Routing:
         ``key``; its id, or None.  NotReady when the owner is unreachable:
         answering from a replica could confirm a push that is withdrawn."""
         owner = self.peers.get(parse_id(first).node)
-        link = owner.link() if owner is not None else None
-        if owner is None or link is None or not owner.serving \
-                or not owner.is_connected(self._now()):
+        link = owner.serving_link(self._now()) if owner is not None else None
+        if link is None:
             raise NotReady(
                 f"the node that took the first push with this key ({parse_id(first).node}) "
                 "is unreachable"
