@@ -4,7 +4,8 @@ The promises checked here are DESIGN.md's "Bounded" (capacity counts ready +
 leased + pending, a full queue refuses and never evicts), "Nothing dropped"
 (only an ack removes a message; an expired lease makes it ready again) and
 "First deliveries are FIFO"; plus the semantics of ack/nack/touch in the HTTP
-API table.
+API table, and DESIGN.md's "Workers": receipts, held poison messages, delays
+and peek.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import pytest
 
 from dqid.queue import (
+    DELAYED,
     GONE,
+    HELD,
     LEASED,
     PENDING,
     READY,
     Counters,
+    LeaseLost,
+    NotHeld,
     NotLeased,
     QueueFull,
     UnknownMessage,
@@ -24,8 +29,8 @@ from dqid.queue import (
 )
 
 
-def filled(size: int, *ids: str) -> WorkQueue:
-    queue = WorkQueue(size)
+def filled(size: int, *ids: str, **options) -> WorkQueue:
+    queue = WorkQueue(size, **options)
     for message_id in ids:
         queue.push(message_id, message_id.encode())
     return queue
@@ -726,3 +731,430 @@ def test_redeliveries_and_first_deliveries_interleave_by_place_in_line():
     queue.nack("c")
     queue.expire(2.0)  # a and b back
     assert drain(queue, 2.0) == ["a", "b", "c", "d"]
+
+
+# -- receipts -------------------------------------------------------------------
+
+
+def test_every_lease_has_a_new_url_safe_receipt():
+    queue = filled(5, "a", "b")
+    first = queue.take(0.0, 10.0)
+    receipts = {first.receipt}
+    assert queue.take(0.0, 10.0).receipt not in receipts  # another message
+    receipts.add(queue.get("b").receipt)
+    queue.nack("a")
+    again = queue.take(0.0, 10.0)
+    assert again.id == "a" and again.receipt not in receipts  # the same message again
+    receipts.add(again.receipt)
+    assert all(r and all(c.isalnum() or c in "-_" for c in r) for r in receipts)
+
+
+def test_a_message_has_a_receipt_only_while_leased():
+    queue = filled(5, "a")
+    assert queue.get("a").receipt is None
+    message = queue.take(0.0, 10.0)
+    assert message.receipt is not None
+    queue.nack("a", message.receipt)
+    assert message.receipt is None
+    queue.take(0.0, 10.0)
+    assert queue.ack("a").receipt is None
+
+
+def test_receipts_of_two_queues_differ_and_a_given_prefix_is_used():
+    one, other = filled(5, "a"), filled(5, "a")
+    assert one.take(0.0, 10.0).receipt != other.take(0.0, 10.0).receipt
+    assert filled(5, "a", receipt_prefix="P-").take(0.0, 1.0).receipt.startswith("P-")
+
+
+def test_a_late_worker_cannot_nack_the_lease_of_the_next_one():
+    """The issue's story: A's lease ran out, B took the message, A nacks."""
+    queue = filled(5, "a")
+    receipt_a = queue.take(0.0, 10.0).receipt
+    queue.expire(10.0)
+    receipt_b = queue.take(10.0, 30.0).receipt
+    with pytest.raises(LeaseLost):
+        queue.nack("a", receipt_a, now=11.0)
+    message = queue.get("a")
+    assert message.state == LEASED and message.receipt == receipt_b
+    assert message.deadline == 40.0
+    assert queue.take(11.0, 30.0) is None  # not handed to a third worker
+    assert queue.counters.nacked == 0
+
+
+def test_nack_with_the_current_receipt_makes_the_message_ready():
+    queue = filled(5, "a", "b")
+    receipt = queue.take(0.0, 10.0).receipt
+    assert queue.nack("a", receipt, now=5.0).state == READY
+    assert queue.counters.nacked == 1
+    assert drain(queue) == ["a", "b"]
+
+
+def test_a_nacked_lease_receipt_is_lost():
+    queue = filled(5, "a")
+    receipt = queue.take(0.0, 10.0).receipt
+    queue.nack("a", receipt)
+    with pytest.raises(LeaseLost):
+        queue.nack("a", receipt)
+    with pytest.raises(LeaseLost):
+        queue.touch("a", 1.0, 10.0, receipt=receipt)
+    assert queue.get("a").state == READY
+
+
+def test_a_lease_past_its_deadline_is_lost_before_the_timer_expires_it():
+    queue = filled(5, "a")
+    receipt = queue.take(0.0, 10.0).receipt
+    with pytest.raises(LeaseLost):
+        queue.touch("a", 10.0, 30.0, receipt=receipt)
+    with pytest.raises(LeaseLost):
+        queue.nack("a", receipt, now=10.0)
+    assert queue.get("a").state == LEASED and queue.next_deadline() == 10.0
+    assert queue.expire(10.0) == 1
+
+
+def test_touch_with_the_current_receipt_extends_and_keeps_the_receipt():
+    queue = filled(5, "a")
+    receipt = queue.take(0.0, 10.0).receipt
+    touched = queue.touch("a", 9.0, 30.0, receipt=receipt)
+    assert touched.deadline == 39.0 and touched.receipt == receipt
+    assert queue.expire(38.0) == 0
+    queue.nack("a", receipt, now=38.0)
+    assert queue.get("a").state == READY
+
+
+def test_a_wrong_receipt_changes_nothing():
+    queue = filled(5, "a")
+    receipt = queue.take(0.0, 10.0).receipt
+    for wrong in ("", "x", receipt + "0"):
+        with pytest.raises(LeaseLost):
+            queue.touch("a", 1.0, 99.0, receipt=wrong)
+        with pytest.raises(LeaseLost):
+            queue.nack("a", wrong)
+    assert queue.get("a").deadline == 10.0 and queue.get("a").receipt == receipt
+
+
+def test_lease_lost_is_a_kind_of_not_leased():
+    queue = filled(5, "a")
+    with pytest.raises(NotLeased):
+        queue.touch("a", 0.0, 10.0, receipt="r")
+
+
+def test_receipts_do_not_make_unknown_or_pending_messages_known():
+    queue = WorkQueue(5)
+    queue.reserve("p", b"")
+    for message_id in ("p", "never"):
+        with pytest.raises(UnknownMessage):
+            queue.nack(message_id, "r")
+        with pytest.raises(UnknownMessage):
+            queue.touch(message_id, 0.0, 10.0, receipt="r")
+
+
+def test_nack_delay_needs_now_and_must_not_be_negative():
+    queue = filled(5, "a")
+    receipt = queue.take(0.0, 10.0).receipt
+    with pytest.raises(ValueError):
+        queue.nack("a", receipt, delay=5.0)
+    with pytest.raises(ValueError):
+        queue.nack("a", receipt, now=1.0, delay=-1.0)
+    assert queue.get("a").receipt == receipt
+
+
+# -- held (poison messages) -------------------------------------------------------
+
+
+def poisoned(max_deliveries: int, *ids: str) -> WorkQueue:
+    """A queue whose messages ``ids`` were each delivered and nacked until held."""
+    queue = WorkQueue(10, max_deliveries=max_deliveries)
+    for message_id in ids:
+        queue.push(message_id, message_id.encode())
+    for _ in range(max_deliveries):
+        for message_id in ids:
+            message = queue.take(0.0, 10.0)
+            assert message.id == message_id
+            queue.nack(message_id, message.receipt)
+    return queue
+
+
+def test_max_deliveries_must_not_be_negative():
+    with pytest.raises(ValueError):
+        WorkQueue(5, max_deliveries=-1)
+
+
+def test_a_message_nacked_after_its_last_delivery_is_held_not_dropped():
+    queue = WorkQueue(5, max_deliveries=2)
+    queue.push("a", b"body")
+    queue.nack("a", queue.take(0.0, 10.0).receipt)
+    assert queue.get("a").state == READY  # one delivery: ready again
+    queue.nack("a", queue.take(0.0, 10.0).receipt)
+    message = queue.get("a")
+    assert message.state == HELD and message.deliveries == 2 and message.body == b"body"
+    assert (queue.depth, queue.held, queue.ready, queue.leased) == (1, 1, 0, 0)
+    assert queue.take(0.0, 10.0) is None
+    assert queue.next_wakeup() is None
+
+
+def test_a_lease_that_runs_out_after_the_last_delivery_holds_the_message():
+    queue = filled(5, "a", "b", max_deliveries=1)
+    queue.take(0.0, 10.0)
+    assert queue.expire(10.0) == 1
+    assert queue.get("a").state == HELD and queue.counters.expired == 1
+    assert drain(queue, 10.0) == ["b"]
+
+
+def test_released_leases_after_the_last_delivery_are_held():
+    queue = filled(5, "a", max_deliveries=1)
+    queue.take(0.0, 10.0)
+    assert queue.release_all_leases() == 1
+    assert queue.get("a").state == HELD
+
+
+def test_held_wins_over_a_nack_delay():
+    queue = filled(5, "a", max_deliveries=1)
+    receipt = queue.take(0.0, 10.0).receipt
+    queue.nack("a", receipt, now=1.0, delay=30.0)
+    assert queue.get("a").state == HELD and queue.delayed == 0
+
+
+def test_without_a_limit_nothing_is_ever_held():
+    queue = filled(5, "a")
+    for n in range(50):
+        message = queue.take(float(n), 1.0)
+        if n % 2:
+            queue.nack("a", message.receipt)
+        else:
+            queue.expire(n + 1.0)
+    assert queue.held == 0 and queue.get("a").deliveries == 50
+
+
+def test_held_messages_count_against_size():
+    queue = poisoned(1, "a", "b")
+    for n in range(8):
+        queue.push(f"m{n}", b"")
+    with pytest.raises(QueueFull):
+        queue.push("over", b"")
+    assert queue.depth == 10 and queue.held == 2
+
+
+def test_held_messages_lists_oldest_first_up_to_count():
+    queue = poisoned(1, "a", "b", "c")
+    assert [m.id for m in queue.held_messages(100)] == ["a", "b", "c"]
+    assert [m.id for m in queue.held_messages(2)] == ["a", "b"]
+    assert queue.held_messages(0) == []
+    assert filled(5, "x").held_messages(10) == []
+
+
+def test_kick_makes_a_held_message_ready_at_its_place_in_line():
+    queue = poisoned(1, "a")
+    queue.push("b", b"")
+    kicked = queue.kick("a")
+    assert kicked.state == READY and queue.held == 0 and queue.ready == 2
+    again = queue.take(0.0, 10.0)
+    assert again.id == "a" and again.deliveries == 2
+    queue.nack("a", again.receipt)  # one more try, failed: held again
+    assert queue.get("a").state == HELD
+    assert drain(queue) == ["b"]
+
+
+def test_kick_of_a_message_that_is_not_held():
+    queue = poisoned(1, "h")
+    queue.push("a", b"")
+    with pytest.raises(NotHeld):
+        queue.kick("a")
+    queue.take(0.0, 10.0)
+    with pytest.raises(NotHeld):
+        queue.kick("a")
+    queue.reserve("p", b"")
+    for message_id in ("p", "never"):
+        with pytest.raises(UnknownMessage):
+            queue.kick(message_id)
+
+
+def test_ack_removes_a_held_message():
+    queue = poisoned(1, "a", "b")
+    assert queue.ack("a").id == "a"
+    assert (queue.depth, queue.held) == (1, 1)
+    assert [m.id for m in queue.held_messages(10)] == ["b"]
+    with pytest.raises(UnknownMessage):
+        queue.kick("a")
+
+
+# -- delays ------------------------------------------------------------------------
+
+
+def test_a_delayed_push_is_not_delivered_before_it_is_due():
+    queue = WorkQueue(5)
+    message = queue.push("a", b"", due=30.0)
+    assert message.state == DELAYED and message.due == 30.0
+    assert (queue.depth, queue.delayed, queue.ready) == (1, 1, 0)
+    assert queue.next_due() == 30.0 and queue.next_wakeup() == 30.0
+    assert queue.promote_due(29.999) == 0
+    assert queue.take(29.999, 10.0) is None
+    assert queue.promote_due(30.0) == 1
+    assert (queue.delayed, queue.ready) == (0, 1) and message.due is None
+    assert queue.take(30.0, 10.0).id == "a"
+    assert queue.next_due() is None
+
+
+def test_a_delayed_message_joins_the_end_of_the_line_when_due():
+    queue = WorkQueue(10)
+    queue.push("late", b"", due=5.0)
+    queue.push("b", b"")
+    queue.push("c", b"")
+    queue.promote_due(5.0)
+    queue.push("d", b"")
+    assert drain(queue, 5.0) == ["b", "c", "late", "d"]
+
+
+def test_delayed_messages_due_together_join_in_due_then_line_order():
+    queue = WorkQueue(10)
+    queue.push("x", b"", due=9.0)
+    queue.push("y", b"", due=7.0)
+    queue.push("z", b"", due=7.0)
+    queue.push("w", b"", due=8.0)
+    assert queue.next_due() == 7.0
+    assert queue.promote_due(10.0) == 4
+    assert drain(queue, 10.0) == ["y", "z", "w", "x"]
+
+
+def test_nack_with_a_delay_retries_after_it_at_the_end_of_the_line():
+    queue = filled(5, "a", "b")
+    receipt = queue.take(0.0, 10.0).receipt
+    message = queue.nack("a", receipt, now=2.0, delay=3.0)
+    assert message.state == DELAYED and message.due == 5.0
+    assert queue.counters.nacked == 1 and queue.leased == 0
+    assert queue.advance(4.0) == 0
+    assert drain(queue, 4.0) == ["b"]
+    assert queue.advance(5.0) == 1
+    again = queue.take(5.0, 10.0)
+    assert again.id == "a" and again.deliveries == 2
+
+
+def test_reserved_with_a_due_time_the_commit_delays_it():
+    queue = WorkQueue(5)
+    queue.reserve("a", b"", due=20.0)
+    assert queue.get("a").state == PENDING and queue.delayed == 0
+    assert queue.commit("a").state == DELAYED and queue.get("a").due == 20.0
+    queue.reserve("b", b"")
+    assert queue.commit("b", due=30.0).due == 30.0
+    queue.reserve("c", b"", due=40.0)
+    assert queue.commit("c", due=10.0).due == 10.0  # the commit's due time wins
+    queue.reserve("w", b"", due=50.0)
+    queue.withdraw("w")
+    queue.reserve("w2", b"")
+    assert queue.commit("w2").state == READY
+    assert queue.counters.pushed == 4
+    assert (queue.delayed, queue.ready, queue.pending) == (3, 1, 0)
+
+
+def test_reserve_many_takes_a_due_time_per_entry():
+    queue = WorkQueue(5)
+    queue.reserve_many([("a", b"", None, None, 10.0), ("b", b"", None, None),
+                        ("c", b"", None, None, None)])
+    states = [queue.commit(i).state for i in ("a", "b", "c")]
+    assert states == [DELAYED, READY, READY]
+
+
+def test_delayed_messages_count_against_size():
+    queue = WorkQueue(2)
+    queue.push("a", b"", due=100.0)
+    queue.push("b", b"")
+    with pytest.raises(QueueFull):
+        queue.push("c", b"", due=1.0)
+    assert queue.depth == 2
+
+
+def test_ack_removes_a_delayed_message():
+    queue = WorkQueue(5)
+    queue.push("a", b"", due=10.0)
+    queue.push("b", b"", due=20.0)
+    assert queue.ack("a").state == GONE
+    assert (queue.depth, queue.delayed) == (1, 1)
+    assert queue.next_due() == 20.0
+    assert queue.promote_due(100.0) == 1
+    assert drain(queue, 100.0) == ["b"]
+
+
+def test_acked_delayed_messages_do_not_pile_up_in_the_due_line():
+    queue = WorkQueue(10)
+    queue.push("keep", b"", due=1e9)
+    for n in range(10000):
+        queue.push(f"m{n}", b"", due=float(10000 - n))  # out of order: the heap
+        queue.ack(f"m{n}")
+    assert len(queue._due_line) + len(queue._due_heap) <= 200
+    assert queue.next_due() == 1e9 and queue.delayed == 1
+
+
+def test_next_wakeup_is_the_earlier_of_lease_deadline_and_due_time():
+    queue = filled(5, "a")
+    queue.push("later", b"", due=50.0)
+    assert queue.next_wakeup() == 50.0
+    queue.take(0.0, 20.0)
+    assert (queue.next_deadline(), queue.next_due(), queue.next_wakeup()) == (20.0, 50.0, 20.0)
+    assert queue.advance(20.0) == 1  # the lease
+    assert queue.next_wakeup() == 50.0
+    assert queue.advance(60.0) == 1  # the due time
+    assert queue.next_wakeup() is None and queue.ready == 2
+
+
+# -- peek -------------------------------------------------------------------------
+
+
+def test_peek_names_every_state_and_changes_nothing():
+    queue = poisoned(1, "held")
+    queue.push("leased", b"")
+    lease = queue.take(0.0, 10.0)
+    queue.push("ready", b"")
+    queue.push("delayed", b"", due=10.0)
+    queue.reserve("pending", b"")
+    counters = queue.counters.as_dict()
+    for message_id in ("pending", "ready", "leased", "delayed", "held"):
+        message, state = queue.peek(message_id)
+        assert message.id == message_id and state == message_id
+        assert message.state_name == message_id
+    assert queue.get("ready").deliveries == 0
+    assert queue.get("leased").receipt == lease.receipt and queue.get("leased").deadline == 10.0
+    assert queue.counters.as_dict() == counters
+    assert (queue.pending, queue.ready, queue.leased, queue.delayed, queue.held) == (1, 1, 1, 1, 1)
+
+
+def test_peek_of_a_message_not_queued_is_unknown():
+    queue = filled(5, "a")
+    queue.ack("a")
+    for message_id in ("a", "never"):
+        with pytest.raises(UnknownMessage):
+            queue.peek(message_id)
+
+
+# -- restore with state ----------------------------------------------------------
+
+
+def test_restore_keeps_a_held_message_held():
+    queue = WorkQueue(5, max_deliveries=3)
+    restored = queue.restore("h", b"x", deliveries=3, held=True)
+    assert restored.state == HELD and restored.deliveries == 3
+    assert queue.held == 1 and queue.take(0.0, 10.0) is None
+    assert queue.kick("h").state == READY
+
+
+def test_restore_keeps_a_delayed_message_s_due_time():
+    queue = WorkQueue(5)
+    restored = queue.restore("d", b"x", deliveries=1, due=50.0)
+    assert restored.state == DELAYED and restored.due == 50.0
+    assert queue.delayed == 1 and queue.take(49.0, 10.0) is None
+    assert queue.advance(50.0) == 1
+    assert queue.take(50.0, 10.0).deliveries == 2
+
+
+def test_restored_held_messages_list_in_their_restored_order():
+    queue = WorkQueue(5)
+    queue.restore("b", b"", order=20, held=True)
+    queue.restore("a", b"", order=10, held=True)
+    assert [m.id for m in queue.held_messages(10)] == ["a", "b"]
+
+
+def test_a_restored_message_past_the_limit_is_delivered_once_more_then_held():
+    queue = WorkQueue(5, max_deliveries=2)
+    queue.restore("a", b"", deliveries=2)  # not held when it was saved
+    message = queue.take(0.0, 10.0)
+    assert message.deliveries == 3
+    queue.expire(10.0)
+    assert queue.get("a").state == HELD
