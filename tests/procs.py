@@ -28,6 +28,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (from
+    /proc); 0.0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of a live process (VmRSS from /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 @dataclass
 class Reply:
     status: int
@@ -81,9 +101,10 @@ def wait_for_200(
     proc: subprocess.Popen | None,
     name: str,
     log_tail: Callable[[], str],
+    interval: float = 0.05,
 ) -> Reply:
-    """Poll GET ``path`` with ``request`` until 200; fail with the log tail
-    if the process exits or time runs out."""
+    """Poll GET ``path`` with ``request`` every ``interval`` seconds until
+    200; fail with the log tail if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -96,7 +117,7 @@ def wait_for_200(
             last = reply
         except OSError as error:
             last = error
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"{name} {path} not 200 in {timeout}s: {last}\n{log_tail()}")
 
 
@@ -110,6 +131,8 @@ class DqidProcess:
     http_port: int = field(default_factory=free_port)
     amp_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    twistd: str = TWISTD
+    started_at: float = 0.0  # time.monotonic() just before the process started
 
     @property
     def log_path(self) -> Path:
@@ -122,7 +145,7 @@ class DqidProcess:
 
     def command(self) -> list[str]:
         return [
-            TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "dqid",
+            self.twistd, "-n", "--pidfile=", f"--logfile={self.log_path}", "dqid",
             f"--node-id={self.node_id}",
             f"--http=tcp:{self.http_port}:interface=127.0.0.1",
             f"--amp=tcp:{self.amp_port}:interface=127.0.0.1",
@@ -132,6 +155,7 @@ class DqidProcess:
     def start(self) -> "DqidProcess":
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / f"{self.node_id}.out", "ab") as out:
+            self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT,
                 cwd=self.workdir, start_new_session=True,
@@ -142,9 +166,14 @@ class DqidProcess:
              headers: dict[str, str] | None = None, timeout: float = 10.0) -> Reply:
         return http(self.http_port, method, path, body, headers, timeout)
 
-    def wait_for(self, path: str = "/health", timeout: float = 20.0) -> Reply:
+    def wait_for(self, path: str = "/health", timeout: float = 20.0,
+                 interval: float = 0.05) -> Reply:
         """Poll ``path`` until it answers 200; fail with the log if not."""
-        return wait_for_200(self.http, path, timeout, self.proc, self.node_id, self.log_tail)
+        return wait_for_200(self.http, path, timeout, self.proc, self.node_id, self.log_tail,
+                            interval)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
