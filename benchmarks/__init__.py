@@ -1,0 +1,1 @@
+"""dqid's benchmark: run it as ``venv/bin/python benchmarks/bench.py``."""
