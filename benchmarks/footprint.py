@@ -1,0 +1,126 @@
+"""What a queue costs: how long a killed cluster node's replacement takes
+to recover its queue, and the RSS a standalone node spends per message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks.findings import Findings
+from benchmarks.load import run_phase
+from benchmarks.servers import Fleet, stats
+from tests.procs import rss_bytes
+
+RECOVERY_FILL_BATCH = 1000  # messages per POST /push/batch filling the recovery cluster
+RSS_FILL_BATCH = 1000  # messages per POST /push/batch filling the RSS node
+
+
+def recover(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> dict:
+    """Fresh 3-node cluster: push M to a, kill -9 a, time a replacement
+    from its process start to /ready and to /stats depth == M."""
+    m = args.recover_count
+    cluster = fleet.cluster("recovery", m + 1000)
+    cluster.start(60)
+    nodes = list(cluster.nodes.values())
+    a = cluster["a"]
+    print(f"  recovery: pushing {m} messages to node a of a fresh 3-node cluster "
+          f"(POST /push/batch of {RECOVERY_FILL_BATCH})", flush=True)
+    result = run_phase("batch push", [a.http_port], True, args, [s.pid for s in nodes],
+                       count=m, batch=RECOVERY_FILL_BATCH)
+    if result["errors"] or result["produced"] != m:
+        findings.note(f"recovery fill: {result['produced']} of {m} pushed, "
+                      f"{result['errors']} errors; samples: {result['samples']}")
+    depth_before = stats(a)["depth"]
+    held = cluster.held_everywhere("a")
+    if depth_before != m or any(h != m for h in held.values()):
+        findings.note(f"recovery: before the kill a holds {depth_before}, its peers {held}, "
+                      f"of {m} pushed")
+    fresh = cluster.replace("a", wait="")  # kill -9, then the same id and ports
+    started = fresh.started_at
+    t_ready = t_depth = None
+    depth = None
+    deadline = started + args.phase_timeout
+    while time.monotonic() < deadline:
+        if not fresh.alive():
+            raise RuntimeError(f"replacement a exited:\n{fresh.log_tail()}")
+        try:
+            if t_ready is None and fresh.http("GET", "/ready", timeout=2).status == 200:
+                t_ready = time.monotonic() - started
+            if t_ready is not None:
+                depth = stats(fresh)["depth"]
+                if depth == depth_before:
+                    t_depth = time.monotonic() - started
+                    break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    if t_depth is None:
+        findings.note(f"recovery: replacement a reached ready after {t_ready} s, depth {depth}, "
+                      f"not depth {depth_before} within {args.phase_timeout:.0f} s")
+    for node in cluster.nodes.values():
+        node.stop()
+    return {
+        "messages": m,
+        "fill_msgs_per_s": result["msgs_per_s"],
+        "depth_before_kill": depth_before,
+        "held_by_peers": held,
+        "seconds_to_ready": t_ready,
+        "seconds_to_depth": t_depth,
+        "depth_seen": depth,
+    }
+
+
+def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
+                    body_size: int) -> dict:
+    """RSS growth of a fresh, warmed-up standalone node filled with
+    ``--rss-count`` messages of ``body_size`` bytes, per message."""
+    n = args.rss_count
+    node = fleet.standalone(f"rss{body_size}", n + 1000, label=f"rss-{body_size}")
+    node.start()
+    node.wait_for("/ready", 60, interval=0.01)
+    started = time.monotonic() - node.started_at
+    # warm the code paths (single and batch push, get, ack) before measuring
+    for _ in range(50):
+        node.http("POST", "/push", b"w" * body_size)
+    node.http("POST", "/push/batch",
+              json.dumps({"messages": [{"body": "w" * body_size}] * 50}).encode())
+    while (taken := node.http("GET", "/get?count=100")).status == 200:
+        ids = [m["id"] for m in taken.json()["messages"]]
+        node.http("POST", "/ack", json.dumps({"ids": ids}).encode())
+    time.sleep(0.3)
+    before = rss_bytes(node.pid)
+    t0 = time.monotonic()
+    if args.rss_fill == "single":
+        result = run_phase("push", [node.http_port], True, args, [node.pid], count=n,
+                           size=body_size)
+        if result["errors"]:
+            findings.note(f"rss fill {body_size} B: {result['errors']} errors: "
+                          f"{result['samples']}")
+    else:
+        pad = "x" * max(0, body_size - 8)
+        for start in range(0, n, RSS_FILL_BATCH):
+            entries = [{"body": f"{i:08d}{pad}"[:body_size]}
+                       for i in range(start, min(n, start + RSS_FILL_BATCH))]
+            reply = node.http("POST", "/push/batch",
+                              json.dumps({"messages": entries}).encode(), timeout=60)
+            if reply.status != 201:
+                findings.note(f"rss fill {body_size} B: POST /push/batch -> {reply.status}: "
+                              f"{reply.body[:300]!r}")
+                break
+    fill_seconds = time.monotonic() - t0
+    time.sleep(0.3)
+    after = rss_bytes(node.pid)
+    depth = stats(node)["depth"]
+    node.stop()
+    if depth != n:
+        findings.note(f"rss {body_size} B: depth {depth} after filling {n}")
+    return {
+        "body_bytes": body_size,
+        "messages": depth,
+        "rss_before": before,
+        "rss_after": after,
+        "bytes_per_message": (after - before) / max(depth, 1),
+        "fill_seconds": fill_seconds,
+        "startup_seconds": started,
+    }
