@@ -439,8 +439,7 @@ def _lock(path: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise DataDirLocked(f"data directory {path} is in use by another process "
-                            f"(pid {holder})") from None
+        raise DataDirLocked(f"data directory {path} is in use (locked by pid {holder})") from None
     except BaseException:
         os.close(fd)
         raise

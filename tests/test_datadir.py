@@ -105,7 +105,7 @@ def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path) -> No
         DataDir.open(str(tmp_path))
     message = str(caught.value)
     assert str(tmp_path) in message and "\n" not in message
-    assert f"pid {os.getpid()}" in message
+    assert f"locked by pid {os.getpid()}" in message
     first.close()
     DataDir.open(str(tmp_path)).close()
 
@@ -125,8 +125,8 @@ def test_a_second_process_is_refused(tmp_path: Path) -> None:
     finally:
         holder.close()
     assert done.returncode == 3, done.stderr
-    assert done.stdout.strip() == (f"data directory {tmp_path} is in use by another "
-                                   f"process (pid {os.getpid()})")
+    assert done.stdout.strip() == (f"data directory {tmp_path} is in use "
+                                   f"(locked by pid {os.getpid()})")
 
 
 # -- crashes and damage -------------------------------------------------------------
