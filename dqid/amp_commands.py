@@ -1,4 +1,4 @@
-"""The AMP commands dqid nodes speak to each other (protocol version 1).
+"""The AMP commands dqid nodes speak to each other (protocol version 2: Forget became Tombstones).
 
 Every connection starts with :class:`Hello`; after it, either side may call
 any command on it.  Byte payloads (records, tombstones) may exceed AMP's
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
-PROTOCOL_MIN = 1
-PROTOCOL_MAX = 1
+PROTOCOL_MIN = 2
+PROTOCOL_MAX = 2
 
 CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -57,6 +57,12 @@ class KeyConflict(Exception):
 
 class UnknownSync(Exception):
     """The sync session expired or never existed; start again."""
+
+
+def negotiate(local_min: int, local_max: int, remote_min: int, remote_max: int) -> int | None:
+    """The best protocol version both sides speak, or None."""
+    best = min(local_max, remote_max)
+    return best if best >= max(local_min, remote_min) else None
 
 
 COMMON_ERRORS = {
@@ -132,7 +138,7 @@ class Replicate(amp.Command):
     errors = dict(COMMON_ERRORS)
 
 
-class Forget(amp.Command):
+class Tombstones(amp.Command):
     """Merge these tombstones (acks and withdrawn pushes, any owner)."""
 
     arguments = [(b"tombstones", Chunked())]

@@ -1,18 +1,25 @@
-"""The cluster side of a node: links to peers, heartbeats and fencing.
-Replication, routing and state transfer are the mixins it is made of
-(``replication.py``, ``routing.py``, ``transfer.py``).
+"""The cluster side of a node: the composition root of its parts.
 
 Rules (DESIGN.md, "Replication"):
 
 * A push is pending until ``min_copies`` holders (the owner included) have
   it; pushes of one reactor turn go to each peer as one ``Replicate``.
   A push that cannot get its copies in time is withdrawn everywhere with a
-  tombstone, so it is never delivered later.
+  tombstone, so it is never delivered later (:mod:`dqid.replicator`).
 * Replica state only merges (union, tombstone wins), so every transfer is
-  safe to repeat or reorder.
+  safe to repeat or reorder (:mod:`dqid.holdings`, :mod:`dqid.transfer`).
 * A starting node is not ready and counts as no holder until it has synced
   from enough peers; then it takes an epoch above every one seen for its id,
   announces it, and peers fence any older twin of that id.
+
+The parts, each owning its state: :class:`~dqid.links.Links` (link table,
+calls), :class:`~dqid.holdings.Holdings` (replicas and merge rules),
+:class:`~dqid.replicator.Replicator` (copies and tombstones out),
+:class:`~dqid.router.Router` (requests for other owners' messages) and
+:class:`~dqid.transfer.StateTransfer` (syncs and recovery).  This module
+says hello, beats the heartbeat, fences, and wires the parts to the node
+(as its :class:`~dqid.node.Remote`) and to the AMP protocol (as its
+:class:`~dqid.amp_protocol.Handlers`).
 """
 
 from __future__ import annotations
@@ -26,149 +33,144 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
-from .amp_protocol import PeerProtocol, negotiate
+from .holdings import Holdings
+from .ids import MessageId
+from .links import Links
 from .node import QueueNode
 from .options import PeerAddress
-from .peers import CALL_TIMEOUT, DEAD_AFTER, HEARTBEAT_INTERVAL, Peer
-from .replica import Record, ReplicaStore
-from .replication import REPLICATION_TIMEOUT, Replication, _Batch
-from .routing import Routing
-from .tombstones import Tombstones
-from .transfer import ANTI_ENTROPY_INTERVAL, RECOVERY_GRACE, StateTransfer, _SyncSession
-
-__all__ = ["Cluster", "CALL_TIMEOUT", "RECOVERY_GRACE", "REPLICATION_TIMEOUT"]
-
-# A fenced node keeps its links this long to send its last tombstones.
-FENCE_LINGER = 0.5
+from .peers import Link, Peer
+from .queue import Message
+from .readiness import Phase
+from .replica import Record
+from .replicator import Replicator
+from .router import Router
+from .timings import DEFAULT_TIMINGS, Timings
+from .transfer import StateTransfer
 
 
-class Cluster(Replication, Routing, StateTransfer):
+class Cluster:
     log = Logger()
 
-    def __init__(
-        self,
-        node: QueueNode,
-        peers: Sequence[PeerAddress],
-        clock: IReactorTime,
-        min_copies: int,
-        replication_timeout: float = REPLICATION_TIMEOUT,
-    ) -> None:
+    def __init__(self, node: QueueNode, peers: Sequence[PeerAddress], clock: IReactorTime,
+                 min_copies: int, timings: Timings = DEFAULT_TIMINGS) -> None:
         self.node = node
         self.clock = clock
+        self.timings = timings
         self.me = node.node_id
-        self.peers = {p.node_id: Peer(p.node_id, p) for p in peers}
-        self.members = sorted([self.me, *self.peers])
         self.min_copies = min_copies
-        self.replication_timeout = replication_timeout
-        nodes = len(self.members)
-        # Any N - K + 1 nodes hold at least one copy of every accepted message.
-        self.syncs_needed = min(nodes - min_copies + 1, nodes - 1)
-        self.store = ReplicaStore()
-        self.recovering = True
-        self.fenced = False
-        self._recovered: dict[str, Record] = {}
-        self._batch: _Batch | None = None
-        self._forget: Tombstones | None = None
-        self._sessions: dict[str, _SyncSession] = {}
+        self.links = Links(self.me, peers, clock, timings)
+        self.holdings = Holdings(node, clock)
+        self.replicator = Replicator(
+            self.links, self.holdings, node.readiness, lambda: node.epoch, clock, timings,
+            min_copies, self._call_failed, self._work_arrived)
+        self.router = Router(node, self.links, self.holdings, self.replicator, clock,
+                             timings, self._call_failed)
+        self.transfer = StateTransfer(node, self.links, self.holdings, clock, timings,
+                                      min_copies, self._fence, self._announce)
+        self.links.events = self
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
-        self._feeding = False
-        self._ack_batches: dict[str, dict[str, list[Deferred]]] = {}
-        self._started = clock.seconds()
-        self._grace_timer: IDelayedCall | None = None
         self._leave_timer: IDelayedCall | None = None
-        node.cluster = self
-        node.set_not_ready(self._recovery_reason())
+        node.remote = self
+        node.readiness.set(Phase.RECOVERING, self.transfer.recovery_reason())
+        node.readiness.holders_check = self.replicator.holders_reason
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        return self.links.peers
+
+    @property
+    def store(self):  # noqa: ANN201 - the ReplicaStore, for tests and stats
+        return self.holdings.store
+
+    @property
+    def serving(self) -> bool:
+        return self.node.readiness.serving
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this node serves with; 0 while it has none."""
+        return self.node.epoch if self.serving else 0
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        self._started = self._now()
-        self._heartbeat.start(HEARTBEAT_INTERVAL, now=False)
-        self._maybe_finish_recovery()
+        self._heartbeat.start(self.timings.heartbeat_interval, now=False)
+        self.transfer.start()
 
     def stop(self) -> None:
         if self._heartbeat.running:
             self._heartbeat.stop()
-        for timer in (self._grace_timer, self._leave_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        for session in self._sessions.values():
-            if session.timer is not None and session.timer.active():
-                session.timer.cancel()
-        self._sessions.clear()
+        if self._leave_timer is not None and self._leave_timer.active():
+            self._leave_timer.cancel()
+        self.transfer.stop()
 
-    @property
-    def serving(self) -> bool:
-        return not (self.recovering or self.fenced)
+    # -- the node's Remote ---------------------------------------------------
 
-    @property
-    def epoch(self) -> int:
-        return self.node.epoch if self.serving else 0
+    def replicate(self, messages: Sequence[Message]) -> Deferred:
+        return self.replicator.replicate(messages)
 
-    def _now(self) -> float:
-        return self.clock.seconds()
+    async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
+        return await self.router.confirm_key(key, digest, first)
 
-    def linked(self) -> list[Peer]:
-        """Peers with a hello'd link, answering or not."""
-        return [p for p in self.peers.values() if p.links]
+    async def take(self, count: int, visibility: float) -> list[Record]:
+        return await self.router.take(count, visibility)
 
-    def connected(self) -> list[Peer]:
-        now = self._now()
-        return [p for p in self.peers.values() if p.is_connected(now)]
+    async def ack(self, message_id: str, mid: MessageId) -> None:
+        await self.router.ack(message_id, mid)
 
-    def write_reason(self) -> str | None:
-        """Why a push cannot be accepted now, beyond the node's own state."""
-        holders = 1 + sum(1 for p in self.connected() if p.serving)
-        if holders < self.min_copies:
-            return f"only {holders} of {self.min_copies} required copies reachable"
-        return None
+    async def lease(self, message_id: str, mid: MessageId, visibility: float) -> None:
+        await self.router.lease(message_id, mid, visibility)
 
-    def _recovery_reason(self) -> str:
-        synced = sum(1 for p in self.peers.values() if p.synced_serving)
-        return f"recovering: synced from {synced} of {self.syncs_needed} peers needed"
+    def tombstone(self, message_id: str) -> None:
+        self.replicator.tombstone(message_id)
 
-    def peer_stats(self) -> dict[str, Any]:
-        now = self._now()
-        return {
-            name: peer.stats(now, self.store.held(name))
-            for name, peer in sorted(self.peers.items())
-        }
+    def stats(self) -> dict[str, Any]:
+        peers = self.links.stats()
+        for name, peer in self.links.peers.items():
+            peers[name]["held"] = self.holdings.held(name)
+            peers[name]["synced"] = self.transfer.synced(peer)
+        return {"min_copies": self.min_copies, "peers": peers}
 
-    # -- links ---------------------------------------------------------------
+    # -- LinkEvents ----------------------------------------------------------
 
-    def _call(self, link: PeerProtocol, command: type, timeout: float = CALL_TIMEOUT,
-              **arguments: Any) -> Deferred:
-        """callRemote with a timeout; the caller adds the errback."""
-        d = link.callRemote(command, **arguments)
-        d.addTimeout(timeout, self.clock)
-        return d
+    def peer_up(self, peer: Peer) -> None:
+        self.transfer.start_sync(peer)
 
-    def say_hello(self, link: PeerProtocol) -> None:
-        if self.fenced:
+    def peer_down(self, peer: Peer) -> None:
+        self.replicator.peer_down(peer)
+        self.transfer.peer_down(peer)
+
+    def _work_arrived(self) -> None:
+        self.router.feed_long_polls()
+
+    # -- hello ---------------------------------------------------------------
+
+    def say_hello(self, link: Link) -> None:
+        if self.node.readiness.fenced:
             # A fenced node has nothing to offer; staying away also keeps
             # peers from mistaking it for a recovering replacement.
             link.transport.loseConnection()
             return
         epoch = self.epoch
-        d = self._call(
+        d = self.links.call(
             link, cmd.Hello, version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
-            node=self.me, epoch=epoch, cluster=self.members,
+            node=self.me, epoch=epoch, cluster=self.links.members,
         )
         d.addCallbacks(self._hello_answered, self._hello_failed,
                        callbackArgs=(link, epoch), errbackArgs=(link,))
 
-    def _hello_answered(self, answer: dict, link: PeerProtocol, sent_epoch: int = 0) -> None:
+    def _hello_answered(self, answer: dict, link: Link, sent_epoch: int = 0) -> None:
         if answer["node"] != link.dialled:
             self.log.error(
                 "peer at {address} says it is {node}, not {expected}; check --peer",
-                address=self.peers[link.dialled].address, node=answer["node"],
+                address=self.peers[link.dialled or ""].address, node=answer["node"],
                 expected=link.dialled,
             )
             link.transport.loseConnection()
             return
         epoch = answer["epoch"]
-        if epoch and epoch < self.store.epochs.get(answer["node"], 0):
+        if epoch and epoch < self.holdings.known_epoch(answer["node"]):
             # A stale twin answered; its own calls will get it fenced.
             link.transport.loseConnection()
             return
@@ -176,11 +178,11 @@ class Cluster(Replication, Routing, StateTransfer):
         self._link_up(link, answer["node"], epoch, answer["serving"])
         if self.serving and self.epoch != sent_epoch:
             # Recovery finished while this Hello was in flight, so the
-            # Announce of _finish_recovery missed this link: announce now.
-            d = self._call(link, cmd.Announce, node=self.me, epoch=self.epoch)
+            # Announce at the end of recovery missed this link: announce now.
+            d = self.links.call(link, cmd.Announce, node=self.me, epoch=self.epoch)
             d.addErrback(self._call_failed, "announce", self.peers[answer["node"]])
 
-    def _hello_failed(self, failure: Failure, link: PeerProtocol) -> None:
+    def _hello_failed(self, failure: Failure, link: Link) -> None:
         if failure.check(cmd.StaleEpoch):
             self._fence(f"peer {link.dialled} knows a newer epoch of {self.me}")
         else:
@@ -193,11 +195,11 @@ class Cluster(Replication, Routing, StateTransfer):
             )
         link.transport.loseConnection()
 
-    def on_hello(self, link: PeerProtocol, version_min: int, version_max: int,
+    def on_hello(self, link: Link, version_min: int, version_max: int,
                  node: str, epoch: int, cluster: list[str]) -> dict:
-        if self.fenced:
+        if self.node.readiness.fenced:
             raise cmd.NotHolder("this node is fenced")
-        version = negotiate(cmd.PROTOCOL_MIN, cmd.PROTOCOL_MAX, version_min, version_max)
+        version = cmd.negotiate(cmd.PROTOCOL_MIN, cmd.PROTOCOL_MAX, version_min, version_max)
         if version is None:
             self.log.error(
                 "refused {node}: it speaks protocol {low}-{high}, we speak {ours}",
@@ -205,135 +207,94 @@ class Cluster(Replication, Routing, StateTransfer):
                 ours=f"{cmd.PROTOCOL_MIN}-{cmd.PROTOCOL_MAX}",
             )
             raise cmd.NoCommonVersion(f"we speak {cmd.PROTOCOL_MIN}-{cmd.PROTOCOL_MAX}")
-        if sorted(cluster) != self.members or node not in self.peers:
+        if sorted(cluster) != self.links.members or node not in self.peers:
             self.log.error(
                 "refused {node}: its cluster {theirs} is not ours {ours}",
-                node=node, theirs=",".join(sorted(cluster)), ours=",".join(self.members),
+                node=node, theirs=",".join(sorted(cluster)),
+                ours=",".join(self.links.members),
             )
-            raise cmd.ClusterMismatch(f"cluster is {','.join(self.members)}")
-        if epoch and epoch < self.store.epochs.get(node, 0):
-            raise cmd.StaleEpoch(f"{node} serves with a newer epoch")
+            raise cmd.ClusterMismatch(f"cluster is {','.join(self.links.members)}")
+        self.holdings.check_epoch(node, epoch)
         link.version = version
         self._link_up(link, node, epoch, epoch > 0)
         return {"version": version, "node": self.me, "epoch": self.epoch,
                 "serving": self.serving}
 
-    def _link_up(self, link: PeerProtocol, node: str, epoch: int, serving: bool) -> None:
-        peer = self.peers[node]
-        link.peer_id = node
-        link.peer_epoch = epoch
-        was_connected = bool(peer.links)
-        peer.links.append(link)
-        peer.last_seen = self._now()
+    def _link_up(self, link: Link, node: str, epoch: int, serving: bool) -> None:
         if epoch:
-            self.store.note_epoch(node, epoch)
-            peer.epoch = max(peer.epoch, epoch)
-            self._drop_stale_links(peer, epoch)
-        peer.serving = serving and epoch >= peer.epoch
-        if not was_connected:
-            self.log.info("peer {peer} connected (epoch {epoch})", peer=node, epoch=epoch)
-            peer.down_logged = False
-        # After this turn: the Hello answer must reach the peer first.
-        self.clock.callLater(0, self._start_sync, peer)
+            self.holdings.note_epoch(node, epoch)
+        self.links.link_up(link, node, epoch, serving)
 
-    def link_down(self, link: PeerProtocol) -> None:
-        peer = self.peers.get(link.peer_id or "")
-        if peer is None or link not in peer.links:
-            return
-        peer.links.remove(link)
-        if not peer.links:
-            self._peer_down(peer)
+    def link_down(self, link: Link) -> None:
+        self.links.link_down(link)
 
-    def _peer_down(self, peer: Peer) -> None:
-        for link in list(peer.links):
-            link.transport.abortConnection()
-        peer.links.clear()
-        self.drop_backlog(peer)
-        peer.serving = False
-        peer.synced = peer.synced_serving = False
-        peer.ready = 0
-        if not peer.down_logged:
-            peer.down_logged = True
-            self.log.warn("peer {peer} is down", peer=peer.node_id)
-
-    def _drop_stale_links(self, peer: Peer, epoch: int) -> None:
-        for link in list(peer.links):
-            if 0 < link.peer_epoch < epoch:
-                self.log.warn(
-                    "fencing {peer} epoch {old}: epoch {new} took over",
-                    peer=peer.node_id, old=link.peer_epoch, new=epoch,
-                )
-                peer.links.remove(link)
-                link.transport.loseConnection()
-
-    def _check_epoch(self, link: PeerProtocol, epoch: int) -> None:
+    def _check_caller(self, link: Link, epoch: int) -> None:
         """Refuse a caller whose epoch is older than one we know."""
-        node = link.peer_id or ""
-        if epoch and epoch < self.store.epochs.get(node, 0):
-            raise cmd.StaleEpoch(f"{node} serves with a newer epoch")
+        self.holdings.check_epoch(link.peer_id or "", epoch)
 
-    def on_announce(self, link: PeerProtocol, node: str, epoch: int) -> None:
+    def on_announce(self, link: Link, node: str, epoch: int) -> None:
         if node != link.peer_id:
             raise cmd.NotHolder("announce your own epoch only")
-        self._check_epoch(link, epoch)
-        peer = self.peers[node]
+        self._check_caller(link, epoch)
         link.peer_epoch = epoch
-        self.store.note_epoch(node, epoch)
-        peer.epoch = max(peer.epoch, epoch)
-        peer.serving = True
-        peer.last_seen = self._now()
-        self._drop_stale_links(peer, epoch)
+        self.holdings.note_epoch(node, epoch)
+        self.links.note_serving(self.peers[node], epoch)
         self.log.info("peer {peer} serves as epoch {epoch}", peer=node, epoch=epoch)
 
-    def _fence(self, why: str) -> None:
-        if self.fenced:
-            return
-        self.fenced = True
-        self.node.fence(f"fenced: {why}")
-        self.log.error("this node is fenced and serves nothing: {why}", why=why)
-        # Leave once the tombstones of pushes refused on the way here are out.
-        self._leave_timer = self.clock.callLater(FENCE_LINGER, self._leave)
-
-    def _leave(self) -> None:
-        self._flush_forget()
+    def _announce(self, epoch: int) -> None:
+        """Recovery ended: tell every linked peer the epoch we serve with."""
         for peer in self.peers.values():
             for link in list(peer.links):
-                link.transport.loseConnection()
+                d = self.links.call(link, cmd.Announce, node=self.me, epoch=epoch)
+                d.addErrback(self._call_failed, "announce", peer)
+
+    # -- fencing -------------------------------------------------------------
+
+    def _fence(self, why: str) -> None:
+        readiness = self.node.readiness
+        if readiness.fenced:
+            return
+        readiness.set(Phase.FENCED, f"fenced: {why}")
+        self.node.fence()
+        self.log.error("this node is fenced and serves nothing: {why}", why=why)
+        # Leave once the tombstones of pushes refused on the way here are out.
+        self._leave_timer = self.clock.callLater(self.timings.fence_linger, self._leave)
+
+    def _leave(self) -> None:
+        self.replicator.flush_tombstones()
+        self.links.close_all()
 
     # -- heartbeats ----------------------------------------------------------
 
     def _beat(self) -> None:
-        now = self._now()
+        now = self.links.now()
         for peer in self.peers.values():
             link = peer.link()
             if link is None:
                 continue
-            if now - peer.last_seen > DEAD_AFTER:
-                self._peer_down(peer)
+            if now - peer.last_seen > self.timings.dead_after:
+                self.links.peer_down(peer)
                 continue
-            if peer.synced and now - peer.synced_at > ANTI_ENTROPY_INTERVAL:
-                self._start_sync(peer, again=True)
-            d = self._call(
-                link, cmd.Heartbeat, timeout=DEAD_AFTER, node=self.me,
+            self.transfer.sync_if_due(peer)
+            d = self.links.call(
+                link, cmd.Heartbeat, timeout=self.timings.dead_after, node=self.me,
                 epoch=self.epoch, ready=self.node.queue.ready, serving=self.serving,
             )
             d.addCallbacks(self._heartbeat_answered, self._call_failed,
-                           callbackArgs=(peer, link), errbackArgs=("heartbeat", peer))
+                           callbackArgs=(peer,), errbackArgs=("heartbeat", peer))
 
-    def _heartbeat_answered(self, answer: dict, peer: Peer, link: PeerProtocol) -> None:
+    def _heartbeat_answered(self, answer: dict, peer: Peer) -> None:
         self._seen(peer, answer["epoch"], answer["ready"], answer["serving"])
 
-    def on_heartbeat(self, link: PeerProtocol, epoch: int, ready: int, serving: bool) -> dict:
-        self._check_epoch(link, epoch)
+    def on_heartbeat(self, link: Link, epoch: int, ready: int, serving: bool) -> dict:
+        self._check_caller(link, epoch)
         self._seen(self.peers[link.peer_id or ""], epoch, ready, serving)
         return {"epoch": self.epoch, "ready": self.node.queue.ready, "serving": self.serving}
 
-    def _seen(self, peer: Peer, epoch: int, ready: int, serving: bool) -> None:
-        peer.last_seen = self._now()
-        peer.ready = ready
-        peer.serving = serving and epoch >= peer.epoch
-        if ready > 0:
-            self.feed_waiters()
+    def _seen(self, peer: Peer, epoch: int, ready_count: int, serving: bool) -> None:
+        self.links.seen(peer, epoch, ready_count, serving)
+        if ready_count > 0:
+            self.router.feed_long_polls()
 
     def _call_failed(self, failure: Failure, what: str, peer: Peer | None = None) -> None:
         if failure.check(cmd.StaleEpoch):
@@ -341,3 +302,29 @@ class Cluster(Replication, Routing, StateTransfer):
             return
         self.log.debug("{what} to {peer} failed: {error}", what=what,
                        peer=peer.node_id if peer else "?", error=failure.getErrorMessage())
+
+    # -- the rest of the AMP Handlers ---------------------------------------
+
+    def on_replicate(self, link: Link, owner: str, epoch: int, records: bytes) -> bool:
+        return self.replicator.on_replicate(link, owner, epoch, records)
+
+    def on_tombstones(self, tombstones: bytes) -> None:
+        self.replicator.on_tombstones(tombstones)
+
+    def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        return self.router.on_ack(ids)
+
+    def on_lease(self, message_id: str, visibility: float) -> str:
+        return self.router.on_lease(message_id, visibility)
+
+    def on_key_lookup(self, key: str, digest: bytes) -> Deferred:
+        return self.router.on_key_lookup(key, digest)
+
+    def on_take(self, count: int, visibility: float) -> bytes:
+        return self.router.on_take(count, visibility)
+
+    def on_sync_start(self) -> dict:
+        return self.transfer.on_sync_start()
+
+    def on_sync_page(self, token: str) -> dict:
+        return self.transfer.on_sync_page(token)

@@ -65,7 +65,7 @@ class IdempotencyIndex:
         entry.forget_at = now + self.retain_after_ack
         self._expiring.append((entry.forget_at, key))
 
-    def forget(self, key: str, message_id: str) -> None:
+    def discard(self, key: str, message_id: str) -> None:
         """The push under ``key`` was withdrawn: the key is free again."""
         entry = self._entries.get(key)
         if entry is not None and entry.message_id == message_id:

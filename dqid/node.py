@@ -3,40 +3,65 @@
 QueueNode puts the pure :class:`~dqid.queue.WorkQueue` and
 :class:`~dqid.idempotency.IdempotencyIndex` on a clock: it mints message
 ids, runs the one lease timer, parks long polls until work arrives, and runs
-a push through replication (a hook that a standalone node answers at once).
-The web layer calls it; it knows nothing about HTTP.
+a push through replication.  The web layer calls it; it knows nothing about
+HTTP, and of its cluster only the small :class:`Remote` protocol below.
+
+Operations, one name each: ``push`` (one message; ``push_many`` for a
+batch), ``get``, ``ack``, ``nack``, ``touch``.  Each answers at once when
+nothing has to wait for a peer (a value, or None) and otherwise returns a
+Deferred.  ``ack_own``/``nack_own``/``touch_own`` act on this node's own
+queue only (a peer forwarded the request); ``apply_tombstone`` removes a
+message acked elsewhere.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, NoReturn, Sequence
+from typing import Any, Iterable, NamedTuple, NoReturn, Protocol, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
-from .ids import parse_id, to_base36
+from .ids import MessageId, parse_id, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
+from .readiness import Readiness
+from .replica import Record
 
-if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .replica import Record
-
-
-class NotReady(Exception):
-    """The node cannot take writes now (starting, recovering, stopping)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+__all__ = ["NotReady", "NotReplicated", "PushItem", "PushResult", "QueueNode", "Remote"]
 
 
-class NotReplicated(Exception):
-    """Not enough copies of a push could be made in time."""
+class Remote(Protocol):
+    """What a node asks of the rest of its cluster."""
+
+    def replicate(self, messages: Sequence[Message]) -> Deferred:
+        """Fires once enough holders have ``messages``; fails with
+        NotReplicated (or NotReady) when they cannot be made."""
+
+    async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
+        """The id the owner of ``first`` accepted under ``key``, or None."""
+
+    async def take(self, count: int, visibility: float) -> list[Record]:
+        """Lease up to ``count`` messages from a peer with ready work."""
+
+    async def ack(self, message_id: str, mid: MessageId) -> None:
+        """Ack a message this node's queue does not hold."""
+
+    async def lease(self, message_id: str, mid: MessageId, visibility: float) -> None:
+        """Nack (``visibility`` 0) or touch a message owned by a peer."""
+
+    def tombstone(self, message_id: str) -> None:
+        """This node's message was acked: tell every holder."""
+
+    def stats(self) -> dict[str, Any]:
+        """``min_copies`` and ``peers`` for /stats."""
+
+    def stop(self) -> None:
+        """The node is shutting down."""
 
 
 class PushItem(NamedTuple):
@@ -50,7 +75,9 @@ class PushResult(NamedTuple):
 
 
 @dataclass(eq=False)
-class _Waiter:
+class LongPoll:
+    """A parked ``get`` waiting for work."""
+
     count: int
     visibility: float
     deferred: Deferred = field(init=False)
@@ -68,61 +95,42 @@ class QueueNode:
         *,
         epoch: int,
         visibility: float = 30.0,
-        min_copies: int = 1,
         idempotency_window: float = 300.0,
+        readiness: Readiness | None = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
         self.epoch = epoch
         self.default_visibility = visibility
-        self.min_copies = min_copies
         self.queue = WorkQueue(size)
         self.idempotency = IdempotencyIndex(idempotency_window)
-        self.cluster: Cluster | None = None
-        self.not_ready_reason: str | None = None
-        self.fenced = False
+        self.readiness = readiness if readiness is not None else Readiness()
+        self.remote: Remote | None = None  # None: a standalone node
         self._seq = 0
         self._id_prefix = ("", -1)  # (f"{node_id}.{epoch in base 36}.", epoch)
-        self._waiters: deque[_Waiter] = deque()
+        self._long_polls: deque[LongPoll] = deque()
         self._lease_timer: IDelayedCall | None = None
         self._outcomes: dict[str, list[Deferred]] = {}
 
-    # -- readiness -----------------------------------------------------------
+    # -- epochs, ids, recovered messages ------------------------------------
 
-    @property
-    def is_ready(self) -> bool:
-        return self.not_ready_reason is None
-
-    def set_not_ready(self, reason: str | None) -> None:
-        self.not_ready_reason = reason
-
-    def readiness(self) -> str | None:
-        """Why this node cannot take writes now, or None when it can."""
-        if self.not_ready_reason is not None:
-            return self.not_ready_reason
-        if self.cluster is not None:
-            return self.cluster.write_reason()
-        return None
-
-    def fence(self, reason: str) -> None:
-        """A newer incarnation of this node id serves: serve nothing more."""
-        self.fenced = True
-        self.not_ready_reason = reason
-        self._answer_all_waiters()
+    def fence(self) -> None:
+        """A newer incarnation of this node id serves: answer parked polls."""
+        self._answer_all_long_polls()
 
     def start_epoch(self, epoch: int) -> None:
         """Mint ids in ``epoch`` from now on (after recovery)."""
         self.epoch = epoch
         self._seq = 0
 
-    def restore(self, records: Iterable["Record"]) -> None:
+    def restore(self, records: Iterable[Record]) -> None:
         """Queue recovered messages again: ready, leases void."""
         for record in records:
             self.queue.restore(record.id, record.body, record.content_type,
                                record.key, record.deliveries)
             if record.key is not None:
                 self.idempotency.remember(record.key, body_digest(record.body), record.id)
-        self._feed_waiters()
+        self._feed_long_polls()
 
     def new_id(self) -> str:
         self._seq += 1
@@ -132,35 +140,34 @@ class QueueNode:
                 f"{self.node_id}.{to_base36(self.epoch)}.", self.epoch)
         return prefix + to_base36(self._seq)
 
+    def accepted_messages(self) -> list[Message]:
+        """This node's queued messages that were accepted (not pending)."""
+        return [m for m in self.queue.messages() if m.state != PENDING]
+
     # -- push ----------------------------------------------------------------
 
-    async def push(
-        self, item: PushItem, idempotency_key: str | None = None
-    ) -> PushResult:
-        """Queue one message; with a key, a repeat answers the first id."""
-        result = self.push_now(item, idempotency_key)
-        if isinstance(result, Deferred):
-            return await result
-        return result
+    def _refuse_writes(self) -> None:
+        refusal = self.readiness.refusal()
+        if refusal is not None:
+            raise NotReady(refusal)
 
-    def push_now(
-        self, item: PushItem, idempotency_key: str | None = None
-    ) -> PushResult | Deferred:
-        """:meth:`push`, answered at once when nothing has to wait for a peer
-        (a standalone node, no key to look up): a PushResult, or else a
-        Deferred that fires with one."""
-        if self.not_ready_reason is not None:
-            raise NotReady(self.not_ready_reason)
+    def push(self, item: PushItem, idempotency_key: str | None = None
+             ) -> PushResult | Deferred:
+        """Queue one message; with a key, a repeat answers the first id.
+
+        A PushResult at once when nothing has to wait for a peer (a
+        standalone node, no key to look up), else a Deferred of one."""
+        self._refuse_writes()
         if idempotency_key is not None:
             return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
-        if self.cluster is None:  # nothing to wait for
+        if self.remote is None:  # nothing to wait for
             message = self.queue.push(self.new_id(), item.body, item.content_type)
-            if self._waiters:
-                self._feed_waiters()
+            if self._long_polls:
+                self._feed_long_polls()
             return PushResult([message.id], True)
         message = self.queue.reserve(self.new_id(), item.body, item.content_type)
         result = PushResult([message.id], True)
-        waiting = self._accept_now([message])
+        waiting = self._accept([message])
         if waiting is None:
             return result
         return waiting.addCallback(lambda _: result)
@@ -176,19 +183,21 @@ class QueueNode:
         message = self.queue.reserve(self.new_id(), item.body, item.content_type,
                                      idempotency_key)
         self.idempotency.remember(idempotency_key, digest, message.id)
-        await self._accept([message])
+        waiting = self._accept([message])
+        if waiting is not None:
+            await waiting
         return PushResult([message.id], created=True)
 
     async def _confirm_first(self, key: str, digest: bytes, first: str) -> str | None:
         """The accepted id of an earlier push under ``key``, or None when
         that push was never accepted (withdrawn) and the key is free."""
-        if parse_id(first).node == self.node_id or self.cluster is None:
+        if parse_id(first).node == self.node_id or self.remote is None:
             await self._outcome_of(first)  # NotReplicated if it is withdrawn
             return first
         # Only the owner knows whether its push was accepted or withdrawn.
-        confirmed = await self.cluster.confirm_key(key, digest, first)
+        confirmed = await self.remote.confirm_key(key, digest, first)
         if confirmed is None:
-            self.idempotency.forget(key, first)
+            self.idempotency.discard(key, first)
         return confirmed
 
     async def own_key(self, key: str, digest: bytes) -> str | None:
@@ -203,32 +212,28 @@ class QueueNode:
             return None
         return first
 
-    async def push_many(self, items: Sequence[PushItem]) -> PushResult:
+    def push_many(self, items: Sequence[PushItem]) -> PushResult | Deferred:
         """Queue all of ``items`` or none of them."""
-        if self.not_ready_reason is not None:
-            raise NotReady(self.not_ready_reason)
+        self._refuse_writes()
         entries = [(self.new_id(), i.body, i.content_type, None) for i in items]
         messages = self.queue.reserve_many(entries)
-        await self._accept(messages)
-        return PushResult([m.id for m in messages], created=True)
+        result = PushResult([m.id for m in messages], created=True)
+        waiting = self._accept(messages)
+        if waiting is None:
+            return result
+        return waiting.addCallback(lambda _: result)
 
-    async def _accept(self, messages: list[Message]) -> None:
-        """Replicate pending ``messages``, then make them ready."""
-        waiting = self._accept_now(messages)
-        if waiting is not None:
-            await waiting
-
-    def _accept_now(self, messages: list[Message]) -> Deferred | None:
+    def _accept(self, messages: list[Message]) -> Deferred | None:
         """Replicate pending ``messages``, then make them ready: None when
         that is done at once (no replication), else a Deferred that fires
         then (or fails with NotReplicated, NotReady or CancelledError)."""
-        if self.cluster is None:
+        if self.remote is None:
             self._commit(messages)
             return None
         for message in messages:
             self._outcomes[message.id] = []
         try:
-            waiting = self.cluster.replicate(messages)
+            waiting = self.remote.replicate(messages)
         except BaseException as reason:
             self._not_accepted(reason, messages)
         return waiting.addCallbacks(
@@ -255,14 +260,14 @@ class QueueNode:
         commit = self.queue.commit
         for message in messages:
             commit(message.id)
-        if self._waiters:
-            self._feed_waiters()
+        if self._long_polls:
+            self._feed_long_polls()
 
     def _withdraw(self, message: Message) -> None:
         if message.id in self.queue and message.state == PENDING:
             self.queue.withdraw(message.id)
         if message.key is not None:
-            self.idempotency.forget(message.key, message.id)
+            self.idempotency.discard(message.key, message.id)
 
     def _settle(self, message_id: str, reason: BaseException | None) -> None:
         for waiting in self._outcomes.pop(message_id, []):
@@ -279,69 +284,69 @@ class QueueNode:
             return waiting
         return succeed(None)
 
-    # -- delivery ------------------------------------------------------------
+    # -- get -----------------------------------------------------------------
 
-    async def get(self, visibility: float, wait: float = 0.0, count: int = 1) -> list[Any]:
+    def get(self, visibility: float, wait: float = 0.0,
+            count: int = 1) -> list[Any] | Deferred:
         """Lease up to ``count`` messages; wait up to ``wait`` s for the first.
 
-        Served from this node's queue, else from a peer with ready work.
-        Returns an empty list when nothing became ready in time.  Cancelling
-        (client gone) forgets the waiter.
+        Served from this node's queue, else from a peer with ready work.  A
+        list at once when this node has ready work (or nothing can come),
+        else a Deferred of one; an empty list when nothing became ready in
+        time.  Cancelling the Deferred (client gone) forgets the poll.
         """
+        taken = self._take(count, visibility)
+        if taken or (self.remote is None and wait <= 0):
+            return taken
+        return Deferred.fromCoroutine(self._get_later(visibility, wait, count))
+
+    async def _get_later(self, visibility: float, wait: float, count: int) -> list[Any]:
         deadline = self.clock.seconds() + wait
-        taken: list[Any] = self._take(count, visibility)
-        if not taken and self.cluster is not None:
-            taken = await self.cluster.take_remote(count, visibility)
+        taken: list[Any] = []
+        if self.remote is not None:
+            taken = await self.remote.take(count, visibility)
             taken = taken or self._take(count, visibility)
         remaining = deadline - self.clock.seconds()
-        if taken or remaining <= 0 or self.not_ready_reason == "shutting_down":
+        if taken or remaining <= 0 or self.readiness.stopping:
             return taken
-        waiter = _Waiter(count, visibility)
-        waiter.deferred = Deferred(lambda _d: self._drop_waiter(waiter))
-        waiter.timer = self.clock.callLater(remaining, self._wait_over, waiter)
-        self._waiters.append(waiter)
-        return await waiter.deferred
-
-    def get_now(self, visibility: float, wait: float = 0.0,
-                count: int = 1) -> list[Any] | Deferred:
-        """:meth:`get`, answered at once when this node has ready work (or
-        nothing can come): a list, or else a Deferred that fires with one."""
-        taken = self._take(count, visibility)
-        if taken or (self.cluster is None and wait <= 0):
-            return taken
-        return Deferred.fromCoroutine(self.get(visibility, wait, count))
+        poll = LongPoll(count, visibility)
+        poll.deferred = Deferred(lambda _d: self._drop_long_poll(poll))
+        poll.timer = self.clock.callLater(remaining, self._wait_over, poll)
+        self._long_polls.append(poll)
+        return await poll.deferred
 
     def take_own(self, count: int, visibility: float) -> list[Message]:
+        """Lease up to ``count`` of this node's own ready messages."""
         return self._take(count, visibility)
 
-    def has_waiters(self) -> bool:
-        return bool(self._waiters)
+    def has_long_polls(self) -> bool:
+        return bool(self._long_polls)
 
-    def claim_waiter(self) -> _Waiter | None:
+    def claim_long_poll(self) -> LongPoll | None:
         """Take the first parked long poll out of line to serve it remotely."""
-        return self._waiters.popleft() if self._waiters else None
+        return self._long_polls.popleft() if self._long_polls else None
 
-    def answer_waiter(self, waiter: _Waiter, taken: list[Any]) -> bool:
-        """Answer a claimed waiter; False (and back in line) if ``taken`` is
-        empty.  Messages for a waiter that went away meanwhile come back
+    def answer_long_poll(self, poll: LongPoll, taken: list[Any]) -> bool:
+        """Answer a claimed long poll; False (and back in line) if ``taken``
+        is empty.  Messages for a poll that went away meanwhile come back
         when their lease runs out."""
-        if waiter.deferred.called:
+        if poll.deferred.called:
             return bool(taken)
         if not taken:
-            if waiter.timer is not None and waiter.timer.active():
-                self._waiters.appendleft(waiter)
+            if poll.timer is not None and poll.timer.active():
+                self._long_polls.appendleft(poll)
             else:
-                waiter.deferred.callback([])
+                poll.deferred.callback([])
             return False
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        waiter.timer = None
-        waiter.deferred.callback(taken)
+        if poll.timer is not None and poll.timer.active():
+            poll.timer.cancel()
+        poll.timer = None
+        poll.deferred.callback(taken)
         return True
 
     def _take(self, count: int, visibility: float) -> list[Message]:
         queue = self.queue
-        if self.fenced or not queue.ready:
+        if self.readiness.fenced or not queue.ready:
             return []
         now = self.clock.seconds()
         taken = []
@@ -354,93 +359,104 @@ class QueueNode:
             self._schedule_expiry(now + visibility)
         return taken
 
-    def _wait_over(self, waiter: _Waiter) -> None:
-        waiter.timer = None
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
-        if not waiter.deferred.called:
-            waiter.deferred.callback([])
+    def _wait_over(self, poll: LongPoll) -> None:
+        poll.timer = None
+        if poll in self._long_polls:
+            self._long_polls.remove(poll)
+        if not poll.deferred.called:
+            poll.deferred.callback([])
 
-    def _drop_waiter(self, waiter: _Waiter) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        waiter.timer = None
+    def _drop_long_poll(self, poll: LongPoll) -> None:
+        if poll in self._long_polls:
+            self._long_polls.remove(poll)
+        if poll.timer is not None and poll.timer.active():
+            poll.timer.cancel()
+        poll.timer = None
 
-    def _feed_waiters(self) -> None:
-        while self._waiters and self.queue.ready:
-            waiter = self._waiters.popleft()
-            taken = self._take(waiter.count, waiter.visibility)
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.timer = None
-            waiter.deferred.callback(taken)
+    def _feed_long_polls(self) -> None:
+        while self._long_polls and self.queue.ready:
+            poll = self._long_polls.popleft()
+            taken = self._take(poll.count, poll.visibility)
+            if poll.timer is not None and poll.timer.active():
+                poll.timer.cancel()
+            poll.timer = None
+            poll.deferred.callback(taken)
 
-    def ack_now(self, message_id: str) -> Deferred | None:
-        """:meth:`ack`, done at once for a message of this node's queue:
-        None, or else a Deferred."""
+    # -- ack -----------------------------------------------------------------
+
+    def ack(self, message_id: str) -> Deferred | None:
+        """Ack a message of any owner: None when done at once (a message
+        of this node's queue), else a Deferred (the cluster forwards the
+        ack to the owner or writes a tombstone)."""
         message = self.queue.get(message_id)  # our queue holds our ids only
-        if message is not None and message.state != PENDING and not self.fenced:
+        if message is not None and message.state != PENDING and not self.readiness.fenced:
             self.ack_own(message_id)
             return None
-        return Deferred.fromCoroutine(self.ack(message_id))
+        return Deferred.fromCoroutine(self._ack_elsewhere(message_id))
 
-    async def ack(self, message_id: str) -> None:
-        """Ack a message of any owner (the cluster forwards or tombstones)."""
+    async def _ack_elsewhere(self, message_id: str) -> None:
         try:
             mid = parse_id(message_id)
         except ValueError:
             raise UnknownMessage(message_id) from None
-        if mid.node == self.node_id and self.fenced:
-            raise NotReady(self.not_ready_reason or "fenced")
+        if mid.node == self.node_id and self.readiness.fenced:
+            raise NotReady(self.readiness.refusal() or "fenced")
         message = self.queue.get(message_id)
         if message is not None and message.state != PENDING:
             self.ack_own(message_id)
-        elif self.cluster is not None:
-            await self.cluster.ack_elsewhere(message_id, mid)
+        elif self.remote is not None:
+            await self.remote.ack(message_id, mid)
         else:
             raise UnknownMessage(message_id)
 
     def ack_own(self, message_id: str) -> Message:
-        """Ack a message of this node's queue and tell the peers."""
-        message = self.forget_acked(message_id)
-        if self.cluster is not None:
-            self.cluster.own_acked(message)
+        """Ack a message of this node's queue and tell the holders."""
+        message = self.apply_tombstone(message_id)
+        if self.remote is not None:
+            self.remote.tombstone(message_id)
         return message
 
-    def forget_acked(self, message_id: str) -> Message:
-        """Drop an acked message from this node's queue."""
+    def apply_tombstone(self, message_id: str) -> Message:
+        """Remove a message of this node's queue that was acked (here, or
+        elsewhere: its tombstone arrived)."""
         message = self.queue.ack(message_id)
         if message.key is not None:
             self.idempotency.released(message.key, self.clock.seconds())
         return message
 
-    def lease_now(self, message_id: str, visibility: float) -> Deferred | None:
-        """Nack (``visibility`` 0) or touch, done at once for a message of
-        this node's queue: None, or else a Deferred."""
-        if message_id in self.queue and not self.fenced:  # our ids only
+    # -- nack and touch ------------------------------------------------------
+
+    def nack(self, message_id: str) -> Deferred | None:
+        """Make a leased message ready again now."""
+        return self._lease(message_id, 0.0)
+
+    def touch(self, message_id: str, visibility: float) -> Deferred | None:
+        """Extend a lease to ``visibility`` seconds from now."""
+        return self._lease(message_id, visibility)
+
+    def _lease(self, message_id: str, visibility: float) -> Deferred | None:
+        if message_id in self.queue and not self.readiness.fenced:  # our ids only
             self.change_own_lease(message_id, visibility)
             return None
-        return Deferred.fromCoroutine(self._change_lease(message_id, visibility))
+        return Deferred.fromCoroutine(self._lease_elsewhere(message_id, visibility))
 
-    async def _change_lease(self, message_id: str, visibility: float) -> None:
+    async def _lease_elsewhere(self, message_id: str, visibility: float) -> None:
         try:
             mid = parse_id(message_id)
         except ValueError:
             raise UnknownMessage(message_id) from None
-        if mid.node == self.node_id or self.cluster is None:
-            if self.fenced:
-                raise NotReady(self.not_ready_reason or "fenced")
+        if mid.node == self.node_id or self.remote is None:
+            if self.readiness.fenced:
+                raise NotReady(self.readiness.refusal() or "fenced")
             self.change_own_lease(message_id, visibility)
         else:
-            await self.cluster.lease_elsewhere(message_id, mid, visibility)
+            await self.remote.lease(message_id, mid, visibility)
 
     def change_own_lease(self, message_id: str, visibility: float) -> Message:
         """Nack (``visibility`` 0) or touch a message of this node's queue."""
         if visibility <= 0:
             message = self.queue.nack(message_id)
-            self._feed_waiters()
+            self._feed_long_polls()
         else:
             now = self.clock.seconds()
             message = self.queue.touch(message_id, now, visibility)
@@ -478,43 +494,46 @@ class QueueNode:
     def _expire_leases(self) -> None:
         self._lease_timer = None
         if self.queue.expire(self.clock.seconds()):
-            self._feed_waiters()
+            self._feed_long_polls()
         self._schedule_expiry()
 
     # -- lifecycle and stats -------------------------------------------------
 
     def shutdown(self) -> None:
         """Stop taking work; answer parked long polls with nothing."""
-        self.not_ready_reason = "shutting_down"
-        self._answer_all_waiters()
-        if self.cluster is not None:
-            self.cluster.stop()
+        self.readiness.stopping = True
+        self._answer_all_long_polls()
+        if self.remote is not None:
+            self.remote.stop()
         if self._lease_timer is not None and self._lease_timer.active():
             self._lease_timer.cancel()
         self._lease_timer = None
 
-    def _answer_all_waiters(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if waiter.timer is not None and waiter.timer.active():
-                waiter.timer.cancel()
-            waiter.timer = None
-            waiter.deferred.callback([])
+    def _answer_all_long_polls(self) -> None:
+        while self._long_polls:
+            poll = self._long_polls.popleft()
+            if poll.timer is not None and poll.timer.active():
+                poll.timer.cancel()
+            poll.timer = None
+            poll.deferred.callback([])
 
     def stats(self) -> dict[str, Any]:
         queue = self.queue
+        reason = self.readiness.reason()
+        remote = self.remote.stats() if self.remote is not None else {
+            "min_copies": 1, "peers": {}}
         return {
             "node": self.node_id,
             "epoch": self.epoch,
-            "ready_to_serve": self.readiness() is None,
-            "not_ready_reason": self.readiness(),
+            "ready_to_serve": reason is None,
+            "not_ready_reason": reason,
             "size": queue.size,
             "depth": queue.depth,
             "ready": queue.ready,
             "leased": queue.leased,
             "pending": queue.pending,
-            "min_copies": self.min_copies,
-            "waiting_gets": len(self._waiters),
+            "min_copies": remote["min_copies"],
+            "waiting_gets": len(self._long_polls),
             "counters": queue.counters.as_dict(),
-            "peers": self.cluster.peer_stats() if self.cluster is not None else {},
+            "peers": remote["peers"],
         }

@@ -2,76 +2,74 @@
 
 A peer may be reachable over several hello'd connections (the one we
 dialled, the one it dialled); any of them carries calls both ways.  The peer
-counts as connected while it has a link and answered within ``DEAD_AFTER``.
+counts as connected while it has a link and answered within ``dead_after``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocolFactory
 
-from .amp_protocol import PeerFactory, PeerProtocol
 from .options import PeerAddress
+from .timings import Timings
 
-if TYPE_CHECKING:
-    from .cluster import Cluster
 
-HEARTBEAT_INTERVAL = 0.25
-DEAD_AFTER = 1.0
-CALL_TIMEOUT = 5.0  # any call to a peer
+class Link(Protocol):
+    """One hello'd AMP connection to a peer (a PeerProtocol)."""
+
+    dialled: str | None  # the peer id we connected out to, if any
+    peer_id: str | None  # who the other side is, once hello'd
+    peer_epoch: int  # its epoch when it said hello or announced
+    version: int
+    transport: Any
+
+    def callRemote(self, command: type, **arguments: Any) -> Deferred: ...
 
 
 @dataclass(eq=False)
 class Peer:
     node_id: str
     address: PeerAddress
-    links: list[PeerProtocol] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
     epoch: int = 0  # its serving epoch as far as we know; 0 = none yet
     serving: bool = False
-    ready: int = 0  # its ready messages, from heartbeats and replication
+    ready_count: int = 0  # its ready messages, from heartbeats and replication
     last_seen: float = float("-inf")
-    synced: bool = False  # a full sync from it finished since it came up
-    synced_serving: bool = False  # ... and it was serving at the time
-    syncing: bool = False
-    synced_at: float = float("-inf")
-    in_flight: int = 0  # Replicate calls sent and not answered
-    backlog: list[Any] = field(default_factory=list)  # batches waiting to go
     down_logged: bool = True
 
-    def link(self) -> PeerProtocol | None:
+    def link(self) -> Link | None:
         """The newest link to the peer's serving epoch, else the newest."""
         for link in reversed(self.links):
             if link.peer_epoch and link.peer_epoch == self.epoch:
                 return link
         return self.links[-1] if self.links else None
 
-    def is_connected(self, now: float) -> bool:
-        return bool(self.links) and now - self.last_seen <= DEAD_AFTER
+    def is_connected(self, now: float, dead_after: float) -> bool:
+        return bool(self.links) and now - self.last_seen <= dead_after
 
-    def serving_link(self, now: float) -> PeerProtocol | None:
-        """The link to call when the peer serves and answers, else None."""
-        return self.link() if self.serving and self.is_connected(now) else None
-
-    def stats(self, now: float, held: int) -> dict[str, Any]:
+    def stats(self, now: float, dead_after: float) -> dict[str, Any]:
+        connected = self.is_connected(now, dead_after)
         return {
-            "connected": self.is_connected(now),
-            "held": held,
+            "connected": connected,
             "epoch": self.epoch,
-            "serving": self.serving and self.is_connected(now),
-            "ready": self.ready,
-            "synced": self.synced,
+            "serving": self.serving and connected,
+            "ready": self.ready_count,
         }
 
 
-def peer_client(reactor: Any, cluster: "Cluster", peer: PeerAddress) -> ClientService:
-    """A ClientService that keeps one outbound AMP connection to ``peer``."""
-    endpoint = HostnameEndpoint(reactor, peer.host, peer.port, timeout=2)
+def peer_client(reactor: Any, factory: IProtocolFactory, peer: PeerAddress,
+                timings: Timings) -> ClientService:
+    """A ClientService that keeps one outbound connection to ``peer``."""
+    endpoint = HostnameEndpoint(reactor, peer.host, peer.port, timeout=timings.dial_timeout)
     return ClientService(
         endpoint,
-        PeerFactory(cluster, dialled=peer.node_id),
-        retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0, factor=2.0),
+        factory,
+        retryPolicy=backoffPolicy(initialDelay=timings.reconnect_initial,
+                                  maxDelay=timings.reconnect_max, factor=2.0),
         clock=reactor,
     )

@@ -4,45 +4,92 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .amp_protocol import PeerFactory
 from .cluster import Cluster
 from .httpbody import bounded_site
 from .node import QueueNode
 from .peers import peer_client
+from .timings import DEFAULT_TIMINGS, Timings
 from .options import TwistdOptions
 from .web import HttpApi, batch_body_limit
 
 Options = TwistdOptions
 
-# After SIGTERM, how long open responses (answered long polls) get to flush.
-SHUTDOWN_GRACE = 0.2
 
 
-class ListenService(StreamServerEndpointService):
-    """Listens at start-up; a port that cannot be bound ends the process."""
+class ListenService(Service):
+    """Listens on a server endpoint while it runs; a port that cannot be
+    bound ends the process.
+
+    It listens in ``privilegedStartService`` (twistd calls it before giving
+    up root, so a port below 1024 may be bound).  An endpoint that fails at
+    once (tcp:, ssl: and unix: do) ends start-up with one line,
+    ``dqid: error: cannot listen for WHAT on 'DESCRIPTION': REASON``; one
+    that fails later is logged and stops the reactor.
+    """
+
+    log = Logger()
 
     def __init__(self, what: str, description: str, reactor: Any, factory: Any) -> None:
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
         self.what = what
         self.description = description
-        self._raiseSynchronously = True
+        self.reactor = reactor
+        self.endpoint = endpoints.serverFromString(reactor, description)
+        self.factory = factory
+        # Fires with the listening port (None once listening failed).
+        self.listening: Deferred | None = None
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as error:
-            raise SystemExit(
-                f"dqid: error: cannot listen for {self.what} on "
-                f"{self.description!r}: {error.socketError}"
-            ) from None
+        super().privilegedStartService()
+        failed_at_once: list[Failure] = []
+        starting = True
+
+        def not_listening(failure: Failure) -> None:
+            if starting:
+                failed_at_once.append(failure)
+            elif not failure.check(CancelledError):  # not stopped before listening
+                self.log.failure(
+                    "dqid: cannot listen for {what} on {description}", failure,
+                    what=self.what, description=self.description,
+                )
+                self.reactor.stop()
+
+        self.listening = self.endpoint.listen(self.factory)
+        self.listening.addErrback(not_listening)
+        starting = False
+        for failure in failed_at_once:
+            if failure.check(CannotListenError):
+                raise SystemExit(
+                    f"dqid: error: cannot listen for {self.what} on "
+                    f"{self.description!r}: {failure.value.socketError}"
+                )
+            failure.raiseException()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening is None:  # started without privilegedStartService
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        listening, self.listening = self.listening, None
+        if listening is None:
+            return None
+        listening.cancel()  # a listen still under way ends here
+
+        def stop(port: IListeningPort | None) -> Deferred | None:
+            return None if port is None else port.stopListening()
+
+        return listening.addCallback(stop)
 
 
 class NodeService(Service):
@@ -50,10 +97,12 @@ class NodeService(Service):
 
     log = Logger()
 
-    def __init__(self, node: QueueNode, config: Any, reactor: Any) -> None:
+    def __init__(self, node: QueueNode, config: Any, reactor: Any,
+                 timings: Timings) -> None:
         self.node = node
         self.config = config
         self.reactor = reactor
+        self.timings = timings
 
     def startService(self) -> None:
         super().startService()
@@ -71,7 +120,8 @@ class NodeService(Service):
         super().stopService()
         self.node.shutdown()
         self.log.info("dqid node {node} stopping", node=self.node.node_id)
-        return deferLater(self.reactor, SHUTDOWN_GRACE, lambda: None)
+        # Answered long polls get a moment to flush.
+        return deferLater(self.reactor, self.timings.shutdown_grace, lambda: None)
 
 
 class ClusterService(Service):
@@ -89,7 +139,8 @@ class ClusterService(Service):
         self.cluster.stop()
 
 
-def makeService(config: Any, reactor: Any = None) -> MultiService:
+def makeService(config: Any, reactor: Any = None,
+                timings: Timings = DEFAULT_TIMINGS) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     peers = config["peers"]
@@ -101,7 +152,7 @@ def makeService(config: Any, reactor: Any = None) -> MultiService:
         # learns it from its peers during recovery.
         epoch=0 if peers else int(reactor.seconds() * 1000),
         visibility=config["visibility"],
-        min_copies=config["min-copies"],
+        idempotency_window=timings.idempotency_window,
     )
     api = HttpApi(node, config["max-message-bytes"])
     site = bounded_site(
@@ -110,12 +161,13 @@ def makeService(config: Any, reactor: Any = None) -> MultiService:
         max_batch_body=batch_body_limit(config["max-message-bytes"]),
     )
     top = MultiService()
-    NodeService(node, config, reactor).setServiceParent(top)
+    NodeService(node, config, reactor, timings).setServiceParent(top)
     if peers:
-        cluster = Cluster(node, peers, reactor, config["min-copies"])
+        cluster = Cluster(node, peers, reactor, config["min-copies"], timings)
         ClusterService(cluster).setServiceParent(top)
         ListenService("amp", config["amp"], reactor, PeerFactory(cluster)).setServiceParent(top)
         for peer in peers:
-            peer_client(reactor, cluster, peer).setServiceParent(top)
+            peer_client(reactor, PeerFactory(cluster, dialled=peer.node_id), peer,
+                        timings).setServiceParent(top)
     ListenService("http", config["http"], reactor, site).setServiceParent(top)
     return top

@@ -1,12 +1,10 @@
 """State transfer between peers (anti-entropy) and recovery at start.
 
-Whenever a peer comes up, a node pulls that peer's whole state (its queue,
-its replicas, its tombstones and known epochs) and merges it in: the merge
-is a union, so repeating it is harmless.  A starting node serves only once
-it has merged from enough peers; then it takes an epoch above every one
-seen for its id and announces it.
-
-A mixin of :class:`dqid.cluster.Cluster`, which holds the state it uses.
+Whenever a peer comes up, and again every ``anti_entropy_interval``, a node
+pulls that peer's whole state (its queue, its replicas, its tombstones and
+known epochs) and merges it in: the merge is a union, so repeating it is
+harmless.  A starting node serves only once it has merged from enough
+peers; then it takes an epoch above every one seen for its id.
 """
 
 from __future__ import annotations
@@ -14,124 +12,158 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from . import amp_commands as cmd
-from .idempotency import body_digest
+from .holdings import Holdings
+from .links import Links
 from .peers import Peer
-from .queue import PENDING
+from .readiness import Phase, Readiness
 from .replica import Record
+from .timings import Timings
 from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
 
 SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
-SYNC_SESSION_IDLE = 60.0
-RESYNC_DELAY = 1.0
-# Anti-entropy: each peer's state is pulled again this often, so a copy or
-# tombstone that missed a peer whose link never dropped still arrives.
-ANTI_ENTROPY_INTERVAL = 10.0
-# A recovering node waits up to this long for every peer to sync.
-RECOVERY_GRACE = 2.0
+
+
+class Recovering(Protocol):
+    """What StateTransfer needs of the node that recovers."""
+
+    readiness: Readiness
+
+    def start_epoch(self, epoch: int) -> None: ...
+
+    def restore(self, records: list[Record]) -> None: ...
 
 
 @dataclass(eq=False)
-class _SyncSession:
+class SyncState:
+    """How far a sync from one peer got since it came up."""
+
+    syncing: bool = False
+    synced: bool = False  # a full sync from it finished since it came up
+    synced_serving: bool = False  # ... and it was serving at the time
+    synced_at: float = float("-inf")
+
+
+@dataclass(eq=False)
+class SyncSession:
+    """A peer paging through a snapshot of this node's state."""
+
     records: Iterator[Any]
     timer: IDelayedCall | None = None
 
 
 class StateTransfer:
-    """Pulling a peer's whole state, and recovery at start."""
+    log = Logger()
 
-    def _start_sync(self, peer: Peer, again: bool = False) -> None:
+    def __init__(self, node: Recovering, links: Links, holdings: Holdings,
+                 clock: IReactorTime, timings: Timings, min_copies: int,
+                 fence: Callable[[str], None], recovered: Callable[[int], None]) -> None:
+        self.node = node
+        self.links = links
+        self.holdings = holdings
+        self.clock = clock
+        self.timings = timings
+        self.fence = fence  # a newer epoch of this node exists
+        self.recovered = recovered  # recovery ended: announce the epoch
+        nodes = len(links.members)
+        # Any N - K + 1 nodes hold at least one copy of every accepted message.
+        self.syncs_needed = min(nodes - min_copies + 1, nodes - 1)
+        self.state = {name: SyncState() for name in links.peers}
+        self._sessions: dict[str, SyncSession] = {}
+        self._started = clock.seconds()
+        self._grace_timer: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self._started = self.clock.seconds()
+        self.maybe_finish_recovery()
+
+    def stop(self) -> None:
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
+        for session in self._sessions.values():
+            if session.timer is not None and session.timer.active():
+                session.timer.cancel()
+        self._sessions.clear()
+
+    def synced(self, peer: Peer) -> bool:
+        return self.state[peer.node_id].synced
+
+    def peer_down(self, peer: Peer) -> None:
+        state = self.state[peer.node_id]
+        state.synced = state.synced_serving = False
+
+    # -- pulling a peer's state ----------------------------------------------
+
+    def sync_if_due(self, peer: Peer) -> None:
+        """Anti-entropy: pull ``peer``'s state again if it is time."""
+        state = self.state[peer.node_id]
+        if state.synced and self.links.now() - state.synced_at > self.timings.anti_entropy_interval:
+            self.start_sync(peer, again=True)
+
+    def start_sync(self, peer: Peer, again: bool = False) -> None:
         """Pull ``peer``'s state once it is up (``again``: anti-entropy)."""
-        if (peer.synced and not again) or peer.syncing or not peer.links:
+        state = self.state[peer.node_id]
+        if (state.synced and not again) or state.syncing or not peer.links:
             return
-        peer.syncing = True
-        d = Deferred.fromCoroutine(self._sync_from(peer))
+        state.syncing = True
+        d = Deferred.fromCoroutine(self._sync_from(peer, state))
         d.addErrback(lambda f: self.log.failure("sync from {peer} failed", f,
                                                 peer=peer.node_id))
 
-    async def _sync_from(self, peer: Peer) -> None:
+    async def _sync_from(self, peer: Peer, state: SyncState) -> None:
         try:
             link = peer.link()
             if link is None:
                 return
             serving = peer.serving
-            start = await self._call(link, cmd.SyncStart)
-            self._merge_tombstones(decode_tombstones(start["tombstones"]))
-            self._merge_epochs(json.loads(start["epochs"]))
+            start = await self.links.call(link, cmd.SyncStart)
+            self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
+            newer = self.holdings.merge_epochs(json.loads(start["epochs"]))
+            if newer is not None:
+                self.fence(f"epoch {newer} of {self.links.me} exists")
             more, count = True, 0
             while more:
-                page = await self._call(link, cmd.SyncPage, token=start["token"])
+                page = await self.links.call(link, cmd.SyncPage, token=start["token"])
                 records = decode_records(page["records"])
                 count += len(records)
-                self._merge_records(records)
+                self.holdings.merge_records(records)
                 more = page["more"]
         except Exception as error:
             self.log.warn("sync from {peer} failed ({error}); retrying",
                           peer=peer.node_id, error=error)
-            peer.syncing = False
-            self.clock.callLater(RESYNC_DELAY, self._start_sync, peer)
+            state.syncing = False
+            self.clock.callLater(self.timings.resync_delay, self.start_sync, peer)
             return
-        peer.syncing = False
+        state.syncing = False
         if not peer.links:
             return
-        again = peer.synced  # periodic anti-entropy, not a peer coming up
-        peer.synced = True
-        peer.synced_serving = peer.synced_serving or serving
-        peer.synced_at = self._now()
+        again = state.synced  # periodic anti-entropy, not a peer coming up
+        state.synced = True
+        state.synced_serving = state.synced_serving or serving
+        state.synced_at = self.links.now()
         log = self.log.debug if again else self.log.info
         log("synced {count} records from {peer}", count=count, peer=peer.node_id)
-        self._maybe_finish_recovery()
+        self.maybe_finish_recovery()
 
-    def _merge_epochs(self, epochs: dict[str, int]) -> None:
-        for owner, epoch in epochs.items():
-            if owner == self.me and self.serving and epoch > self.node.epoch:
-                self._fence(f"epoch {epoch} of {self.me} exists")
-            # Our own too: recovery must pick an epoch above every one seen.
-            self.store.note_epoch(owner, int(epoch))
-
-    def _merge_records(self, records: Iterable[Record]) -> int:
-        """Union ``records`` in; how many were new."""
-        added = 0
-        for record in records:
-            mid = record.mid
-            if mid.node != self.me:
-                if self.store.add(record):
-                    added += 1
-                    self._remember_key(record)
-                continue
-            if self.store.is_tombstoned(record.id):
-                continue
-            if self.recovering:
-                self._recovered.setdefault(record.id, record)
-            elif mid.epoch < self.node.epoch and record.id not in self.node.queue:
-                # Our own message from before a restart, reaching us late.
-                self.node.restore([record])
-        return added
-
-    def _remember_key(self, record: Record) -> None:
-        if record.key is not None:
-            self.node.idempotency.remember(record.key, body_digest(record.body), record.id)
+    # -- serving a peer's pull -----------------------------------------------
 
     def on_sync_start(self) -> dict:
         token = uuid.uuid4().hex
-        own = [m for m in self.node.queue.messages() if m.state != PENDING]
-        snapshot = [*own, *self._recovered.values(), *self.store.records()]
-        epochs = dict(self.store.epochs)
-        if self.serving:
-            epochs[self.me] = self.node.epoch
-        session = _SyncSession(iter(snapshot))
+        snapshot = self.holdings.snapshot()
+        session = SyncSession(iter(snapshot))
         self._sessions[token] = session
         self._touch_session(token, session)
         return {
             "token": token,
-            "tombstones": encode_tombstones(self.store.tombstones),
-            "epochs": json.dumps(epochs).encode("utf-8"),
+            "tombstones": encode_tombstones(self.holdings.store.tombstones),
+            "epochs": json.dumps(self.holdings.epochs()).encode("utf-8"),
             "total": len(snapshot),
         }
 
@@ -153,10 +185,11 @@ class StateTransfer:
             self._end_session(token)
         return {"records": encode_records(page), "more": more}
 
-    def _touch_session(self, token: str, session: _SyncSession) -> None:
+    def _touch_session(self, token: str, session: SyncSession) -> None:
         if session.timer is not None and session.timer.active():
             session.timer.cancel()
-        session.timer = self.clock.callLater(SYNC_SESSION_IDLE, self._end_session, token)
+        session.timer = self.clock.callLater(self.timings.sync_session_idle,
+                                             self._end_session, token)
 
     def _end_session(self, token: str) -> None:
         session = self._sessions.pop(token, None)
@@ -165,48 +198,47 @@ class StateTransfer:
 
     # -- recovery ------------------------------------------------------------
 
-    def _maybe_finish_recovery(self) -> None:
+    def recovery_reason(self) -> str:
+        synced = sum(1 for s in self.state.values() if s.synced_serving)
+        return f"recovering: synced from {synced} of {self.syncs_needed} peers needed"
+
+    def maybe_finish_recovery(self) -> None:
         """Serve once enough peers are synced.
 
         ``syncs_needed`` serving peers have seen every accepted message, but
         a withdrawn push's tombstone may be missing on one of them; so,
-        within ``RECOVERY_GRACE`` of start, also wait for every peer that is
+        within ``recovery_grace`` of start, also wait for every peer that is
         up, whose tombstones then win.
         """
-        if not self.recovering:
+        readiness = self.node.readiness
+        if readiness.phase is not Phase.RECOVERING:
             return
-        serving_synced = sum(1 for p in self.peers.values() if p.synced_serving)
-        all_synced = all(p.synced for p in self.peers.values())
+        serving_synced = sum(1 for s in self.state.values() if s.synced_serving)
+        all_synced = all(s.synced for s in self.state.values())
         if not all_synced and serving_synced < self.syncs_needed:
-            self.node.set_not_ready(self._recovery_reason())
+            readiness.set(Phase.RECOVERING, self.recovery_reason())
             return
-        waited = self._now() - self._started
-        if not all_synced and waited < RECOVERY_GRACE:
-            self.node.set_not_ready(
-                self._recovery_reason() + "; waiting briefly for the other peers"
-            )
+        waited = self.links.now() - self._started
+        grace = self.timings.recovery_grace
+        if not all_synced and waited < grace:
+            readiness.set(Phase.RECOVERING,
+                          self.recovery_reason() + "; waiting briefly for the other peers")
             if self._grace_timer is None or not self._grace_timer.active():
-                self._grace_timer = self.clock.callLater(
-                    RECOVERY_GRACE - waited, self._maybe_finish_recovery
-                )
+                self._grace_timer = self.clock.callLater(grace - waited,
+                                                         self.maybe_finish_recovery)
             return
         self._finish_recovery()
 
     def _finish_recovery(self) -> None:
         if self._grace_timer is not None and self._grace_timer.active():
             self._grace_timer.cancel()
-        known = self.store.epochs.get(self.me, 0)
-        epoch = max(known + 1, int(self._now() * 1000))
-        self.store.note_epoch(self.me, epoch)
-        recovered = sorted(self._recovered.values(), key=lambda r: r.mid[1:])
-        self._recovered.clear()
-        self.recovering = False
+        me = self.links.me
+        epoch = max(self.holdings.known_epoch(me) + 1, int(self.links.now() * 1000))
+        self.holdings.note_epoch(me, epoch)
+        recovered = self.holdings.take_recovered()
         self.node.start_epoch(epoch)
+        self.node.readiness.set(Phase.SERVING)
         self.node.restore(recovered)
-        self.node.set_not_ready(None)
         self.log.info("recovered {count} messages; serving as epoch {epoch}",
                       count=len(recovered), epoch=epoch)
-        for peer in self.peers.values():
-            for link in list(peer.links):
-                d = self._call(link, cmd.Announce, node=self.me, epoch=epoch)
-                d.addErrback(self._call_failed, "announce", peer)
+        self.recovered(epoch)

@@ -16,10 +16,11 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .idempotency import IdempotencyConflict
-from .node import NotReady, NotReplicated, PushItem, PushResult, QueueNode
+from .errors import NotReady, NotReplicated
+from .node import PushItem, PushResult, QueueNode
 from .http_io import (
     MAX_BATCH, MAX_GET_COUNT, MAX_VISIBILITY, MAX_WAIT, RETRY_AFTER_FULL,
-    RETRY_AFTER_UNAVAILABLE, _HEALTHY, _READY, ApiError, answer, bad_request,
+    RETRY_AFTER_UNAVAILABLE, HEALTHY_BODY, READY_BODY, ApiError, answer, bad_request,
     batch_body_limit, content_type_header, content_type_text, decode_batch,
     encode_message, int_arg, json_body, no_content, number_arg, read_body,
 )
@@ -116,7 +117,7 @@ class HttpApi:
         key = self._idempotency_key(request)
         raw_type = request.getHeader(b"content-type")
         item = PushItem(body, content_type_text(raw_type) if raw_type else None)
-        result = self.node.push_now(item, key)
+        result = self.node.push(item, key)
         if isinstance(result, PushResult):
             return self._pushed(result, request)
         return result.addCallback(self._pushed, request)
@@ -131,7 +132,7 @@ class HttpApi:
     async def push_batch(self, request: IRequest) -> bytes:
         raw = read_body(request, batch_body_limit(self.max_message_bytes))
         items = decode_batch(raw, self.max_message_bytes)
-        result = await self.node.push_many(items)
+        result = await maybeDeferred(self.node.push_many, items)
         return json_body(request, 201, {"ids": result.ids})
 
     @staticmethod
@@ -162,7 +163,7 @@ class HttpApi:
             count = int_arg(request, "count", 1, MAX_GET_COUNT)
         else:
             visibility, wait, count = self.node.default_visibility, 0.0, None
-        taken = self.node.get_now(visibility, wait, count or 1)
+        taken = self.node.get(visibility, wait, count or 1)
         if isinstance(taken, list):
             return self._deliver(taken, request, count)
         return taken.addCallback(self._deliver, request, count)
@@ -182,10 +183,7 @@ class HttpApi:
 
     @app.route("/ack/<message_id>", methods=["POST"])
     def ack(self, request: IRequest, message_id: str) -> bytes | Deferred:
-        waiting = self.node.ack_now(message_id)
-        if waiting is not None:
-            return waiting.addCallback(lambda _: no_content(request))
-        return no_content(request)
+        return self._done(request, self.node.ack(message_id))
 
     @app.route("/ack", methods=["POST"])
     async def ack_batch(self, request: IRequest) -> bytes:
@@ -202,7 +200,7 @@ class HttpApi:
         # owner in one turn travel as one call.
         outcomes = []
         for message_id in ids:
-            outcomes.append(maybeDeferred(self.node.ack_now, message_id))
+            outcomes.append(maybeDeferred(self.node.ack, message_id))
         results = await DeferredList(outcomes, consumeErrors=True)
         acked, unknown = [], []
         for message_id, (ok, result) in zip(ids, results):
@@ -216,18 +214,18 @@ class HttpApi:
 
     @app.route("/nack/<message_id>", methods=["POST"])
     def nack(self, request: IRequest, message_id: str) -> bytes | Deferred:
-        return self._lease(request, message_id, 0.0)
+        return self._done(request, self.node.nack(message_id))
 
     @app.route("/touch/<message_id>", methods=["POST"])
     def touch(self, request: IRequest, message_id: str) -> bytes | Deferred:
         visibility = number_arg(
             request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
         )
-        return self._lease(request, message_id, visibility)
+        return self._done(request, self.node.touch(message_id, visibility))
 
-    def _lease(self, request: IRequest, message_id: str,
-               visibility: float) -> bytes | Deferred:
-        waiting = self.node.lease_now(message_id, visibility)
+    @staticmethod
+    def _done(request: IRequest, waiting: Deferred | None) -> bytes | Deferred:
+        """204 now, or when ``waiting`` fires."""
         if waiting is not None:
             return waiting.addCallback(lambda _: no_content(request))
         return no_content(request)
@@ -240,11 +238,11 @@ class HttpApi:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        return answer(request, 200, _HEALTHY)
+        return answer(request, 200, HEALTHY_BODY)
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: IRequest) -> bytes:
-        reason = self.node.readiness()
+        reason = self.node.readiness.reason()
         if reason is None:
-            return answer(request, 200, _READY)
+            return answer(request, 200, READY_BODY)
         return json_body(request, 503, {"status": "not_ready", "reason": reason})

@@ -10,10 +10,10 @@ steps so heartbeats, timeouts and retries run as they would in a process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Coroutine, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.test import iosim
@@ -22,12 +22,15 @@ from dqid.amp_protocol import PeerProtocol
 from dqid.cluster import Cluster
 from dqid.node import PushItem, QueueNode
 from dqid.options import PeerAddress
+from dqid.timings import DEFAULT_TIMINGS
 
 STEP = 0.05
 
 
-def deferred(coroutine: Coroutine[Any, Any, Any]) -> Deferred:
-    return Deferred.fromCoroutine(coroutine)
+def deferred(call: Any, *args: Any) -> Deferred:
+    """What a node operation answers, as a Deferred (it may answer at once,
+    raise at once, or return a Deferred)."""
+    return maybeDeferred(call, *args)
 
 
 @dataclass(eq=False)
@@ -56,19 +59,19 @@ class Member:
     cluster: Cluster
 
     def push(self, body: bytes = b"job", **kw: Any) -> Deferred:
-        return deferred(self.node.push(PushItem(body, kw.get("content_type")), kw.get("key")))
+        return deferred(self.node.push, PushItem(body, kw.get("content_type")), kw.get("key"))
 
     def get(self, visibility: float = 30.0, wait: float = 0.0, count: int = 1) -> Deferred:
-        return deferred(self.node.get(visibility, wait, count))
+        return deferred(self.node.get, visibility, wait, count)
 
     def ack(self, message_id: str) -> Deferred:
-        return deferred(self.node.ack(message_id))
+        return deferred(self.node.ack, message_id)
 
     def held(self, owner: str) -> int:
         return self.cluster.store.held(owner)
 
     def connected(self, peer: str) -> bool:
-        return self.cluster.peers[peer].is_connected(self.cluster.clock.seconds())
+        return self.cluster.links.is_connected(self.cluster.peers[peer])
 
 
 @dataclass(eq=False)
@@ -96,9 +99,9 @@ class Net:
         members = list(self.names if members is None else members)
         peers = [PeerAddress(p, "127.0.0.1", 9000 + i)
                  for i, p in enumerate(members) if p != name]
-        node = QueueNode(name, self.size, self.clock, epoch=0, min_copies=self.min_copies)
-        cluster = Cluster(node, peers, self.clock, self.min_copies,
-                          replication_timeout=self.replication_timeout)
+        node = QueueNode(name, self.size, self.clock, epoch=0)
+        timings = replace(DEFAULT_TIMINGS, replication_timeout=self.replication_timeout)
+        cluster = Cluster(node, peers, self.clock, self.min_copies, timings)
         member = Member(name, node, cluster)
         old = self.members.get(name)
         if old is not None:

@@ -19,11 +19,14 @@ from twisted.test import iosim
 
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol, negotiate
-from dqid.cluster import RECOVERY_GRACE
-from dqid.replication import MAX_IN_FLIGHT
+from dqid.replicator import MAX_IN_FLIGHT
 from dqid.ids import parse_id
-from dqid.node import NotReady, NotReplicated
-from dqid.peers import DEAD_AFTER, HEARTBEAT_INTERVAL
+from dqid.errors import NotReady, NotReplicated
+from dqid.timings import DEFAULT_TIMINGS
+
+DEAD_AFTER = DEFAULT_TIMINGS.dead_after
+HEARTBEAT_INTERVAL = DEFAULT_TIMINGS.heartbeat_interval
+RECOVERY_GRACE = DEFAULT_TIMINGS.recovery_grace
 from dqid.queue import QueueFull, UnknownMessage
 
 from .amp_harness import Net
@@ -144,7 +147,7 @@ def test_hello_from_another_cluster_is_refused_never_half_joined(make):
     assert not a.connected("b") and not b.connected("a")
     assert a.node.stats()["peers"]["b"]["connected"] is False
     # Neither side started a sync or counted the other: both still recover.
-    assert a.node.readiness() is not None and b.node.readiness() is not None
+    assert a.node.readiness.reason() is not None and b.node.readiness.reason() is not None
     assert all(link.closed for link in net.links)
 
 
@@ -199,14 +202,14 @@ def test_cold_start_of_three_nodes_serves_after_sync(make):
     net = make("abc")
     for name in "abc":
         m = net.build(name)
-        assert m.node.readiness().startswith("recovering")
+        assert m.node.readiness.reason().startswith("recovering")
         failureResultOf(m.push(), NotReady)
     net.mesh()
     net.settle()
     for name, m in net.members.items():
-        assert m.node.readiness() is None, (name, m.node.readiness())
+        assert m.node.readiness.reason() is None, (name, m.node.readiness.reason())
         assert m.cluster.serving and m.node.epoch > 0
-        assert all(p.synced for p in m.cluster.peers.values())
+        assert all(m.cluster.transfer.synced(p) for p in m.cluster.peers.values())
         assert all(m.connected(p) for p in m.cluster.peers)
     # They learned each other's epochs from Announce.
     for m in net.members.values():
@@ -261,7 +264,7 @@ def test_pushes_of_one_turn_are_one_replicate_call_per_peer(make, monkeypatch):
 
     def counting(self, command, **kw):
         if command is cmd.Replicate:
-            calls.append((self.cluster.me, self.peer_id))
+            calls.append((self.handlers.me, self.peer_id))
         return original(self, command, **kw)
 
     monkeypatch.setattr(PeerProtocol, "callRemote", counting)
@@ -287,7 +290,7 @@ def test_replicate_calls_in_flight_per_peer_are_bounded(make, monkeypatch):
     original = PeerProtocol.callRemote
 
     def counting(self, command, **kw):
-        if command is cmd.Replicate and self.cluster.me == "a":
+        if command is cmd.Replicate and self.handlers.me == "a":
             calls.append(self.peer_id)
         return original(self, command, **kw)
 
@@ -300,20 +303,20 @@ def test_replicate_calls_in_flight_per_peer_are_bounded(make, monkeypatch):
     assert all(successResultOf(d) for d in pushes)  # B's copy is enough
     assert calls.count("b") == 10
     assert calls.count("c") == MAX_IN_FLIGHT
-    assert a.cluster.peers["c"].in_flight == MAX_IN_FLIGHT
+    assert a.cluster.replicator.in_flight("c") == MAX_IN_FLIGHT
     net.resume("a", "c")
     net.settle()
     # The six batches that waited went to C as one call.
     assert calls.count("c") == MAX_IN_FLIGHT + 1
     assert c.held("a") == 10
-    assert a.cluster.peers["c"].in_flight == 0
+    assert a.cluster.replicator.in_flight("c") == 0
 
 
 def test_push_with_a_peer_down_and_all_copies_required_is_refused(make):
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
     net.cut("c")
-    assert "2 of 3" in a.node.readiness()
+    assert "2 of 3" in a.node.readiness.reason()
     d = a.push(b"lonely")
     net.settle()
     failureResultOf(d, NotReplicated)
@@ -354,7 +357,7 @@ def test_push_with_a_peer_down_succeeds_when_fewer_copies_required(make):
     net = make("abc", min_copies=2)
     a, b, c = net.start_all()
     net.cut("c")
-    assert a.node.readiness() is None
+    assert a.node.readiness.reason() is None
     d = a.push(b"ok")
     net.settle()
     mid = successResultOf(d).ids[0]
@@ -485,12 +488,12 @@ def test_parked_long_poll_is_answered_by_a_push_on_a_peer(make):
     d = b.get(visibility=10, wait=10)
     net.advance(1.0)
     assertNoResult(d)
-    assert b.node.has_waiters()
+    assert b.node.has_long_polls()
     mid = pushed_id(net, a, b"wake up")
     net.run_until(lambda: d.called, limit=2 * HEARTBEAT_INTERVAL + 0.1)
     taken = successResultOf(d)
     assert [r.id for r in taken] == [mid]
-    assert a.node.queue.leased == 1 and not b.node.has_waiters()
+    assert a.node.queue.leased == 1 and not b.node.has_long_polls()
 
 
 def test_long_poll_times_out_empty(make):
@@ -527,7 +530,7 @@ def test_heartbeats_keep_an_idle_link_up(make):
     a, b = net.start_all()
     net.advance(10.0)
     assert a.connected("b") and b.connected("a")
-    assert a.node.readiness() is None
+    assert a.node.readiness.reason() is None
 
 
 # -- replacement, recovery and fencing ---------------------------------------
@@ -550,13 +553,13 @@ def test_replacement_recovers_the_queue_before_serving(make):
     assert [m.id for m in leased] == ids[:1]
     net.advance(0.5)
     old, a2 = _replace_a(net, keep_old=False)
-    assert a2.node.readiness().startswith("recovering")
+    assert a2.node.readiness.reason().startswith("recovering")
     failureResultOf(a2.push(), NotReady)
     assert a2.node.queue.depth == 0
     for peer in "bc":
         net.connect("a", peer)
     net.settle()
-    assert a2.node.readiness() is None
+    assert a2.node.readiness.reason() is None
     assert a2.node.epoch > old_epoch
     # Every accepted message is back, ready (the lease is void), in order.
     assert a2.node.queue.ready == 5 and a2.node.queue.leased == 0
@@ -588,11 +591,11 @@ def test_replacement_with_fewer_copies_syncs_from_enough_peers(make):
     # N - K + 1 = 2 peers needed: one is not enough.
     net.connect("a", "b")
     net.settle()
-    assert a2.node.readiness().startswith("recovering")
-    assert "1 of 2" in a2.node.readiness()
+    assert a2.node.readiness.reason().startswith("recovering")
+    assert "1 of 2" in a2.node.readiness.reason()
     net.connect("a", "c")
     net.settle()
-    assert a2.node.readiness() is None
+    assert a2.node.readiness.reason() is None
     assert ids_in_queue(a2) == ids
 
 
@@ -604,7 +607,7 @@ def test_stale_twin_is_fenced_and_serves_nothing(make):
     for peer in "bc":
         net.connect(a2, peer)
     net.settle()
-    assert a2.node.readiness() is None
+    assert a2.node.readiness.reason() is None
     assert a2.node.epoch > old.node.epoch
     # B and C dropped the links of the old epoch when A2 announced.
     for m in (b, c):
@@ -614,8 +617,8 @@ def test_stale_twin_is_fenced_and_serves_nothing(make):
     link = net.connect(old, b)
     net.settle()
     assert link.closed
-    assert old.cluster.fenced and old.node.fenced
-    assert old.node.readiness().startswith("fenced")
+    assert old.node.readiness.fenced and old.node.readiness.fenced
+    assert old.node.readiness.reason().startswith("fenced")
     assert got(net, old) == []
     failureResultOf(old.push(), NotReady)
     failureResultOf(old.ack(ids[0]), NotReady)
@@ -631,7 +634,7 @@ def test_stale_twin_still_linked_is_fenced_by_its_next_call(make):
     # B learns of a newer epoch for A before the old A's next heartbeat.
     b.cluster.store.note_epoch("a", old_epoch + 1)
     net.advance(2 * HEARTBEAT_INTERVAL)
-    assert a.cluster.fenced and a.node.readiness().startswith("fenced")
+    assert a.node.readiness.fenced and a.node.readiness.reason().startswith("fenced")
     assert got(net, a) == []
 
 
@@ -674,7 +677,7 @@ def test_peer_whose_hello_crossed_the_recovery_learns_the_new_epoch(make):
                for line in net.logged(LogLevel.info))
     link = net.connect(old, c)
     net.settle()
-    assert link.closed and old.node.fenced
+    assert link.closed and old.node.readiness.fenced
     assert [l.peer_epoch for l in c.cluster.peers["a"].links] == [a2.node.epoch]
 
 
@@ -685,7 +688,7 @@ def test_stale_twin_push_is_refused_by_a_peer_that_knows_better(make):
     d = a.push(b"from the past")
     net.settle()
     failureResultOf(d, NotReplicated)
-    assert a.node.fenced
+    assert a.node.readiness.fenced
     assert b.held("a") == 0 and c.held("a") == 0
     assert a.node.queue.depth == 0
 
@@ -717,7 +720,7 @@ def test_peer_that_was_down_catches_up_on_reconnect(make):
     held_b = {r.id for r in c.cluster.store.records("b")}
     assert held_a == {kept, new_a}
     assert held_b == {new_b}
-    assert c.node.readiness() is None
+    assert c.node.readiness.reason() is None
     # The tombstones arrived too: the acked ids are gone for good on C.
     assert c.cluster.store.is_tombstoned(gone)
     assert c.cluster.store.is_tombstoned(b_own)

@@ -161,7 +161,7 @@ def test_each_key_has_its_own_window():
 
 def test_forget_frees_the_key_of_a_withdrawn_push():
     index = index_with()
-    index.forget("k", "n.1.1")
+    index.discard("k", "n.1.1")
     assert len(index) == 0
     assert index.lookup("k", OTHER, 0.0) is None
 
@@ -169,21 +169,21 @@ def test_forget_frees_the_key_of_a_withdrawn_push():
 def test_forget_with_another_id_keeps_the_key():
     """A late withdrawal of an older push must not free a newer one's key."""
     index = index_with()
-    index.forget("k", "n.1.9")
+    index.discard("k", "n.1.9")
     assert index.lookup("k", BODY, 0.0) == "n.1.1"
     assert len(index) == 1
 
 
 def test_forget_of_an_unknown_key_is_a_no_op():
     index = index_with()
-    index.forget("nope", "n.1.1")
+    index.discard("nope", "n.1.1")
     assert len(index) == 1
 
 
 def test_a_stale_window_does_not_forget_a_key_remembered_again():
     index = index_with("k", BODY, "n.1.1")
     index.released("k", 0.0)  # would forget at 300
-    index.forget("k", "n.1.1")
+    index.discard("k", "n.1.1")
     index.remember("k", OTHER, "n.1.2")  # a new, still queued message
     index.sweep(300.0)
     assert index.lookup("k", OTHER, 301.0) == "n.1.2"

@@ -15,6 +15,7 @@ from twisted.plugin import getPlugins
 from dqid import tap
 from dqid.httpbody import BoundedRequest
 from dqid.options import TwistdOptions
+from dqid.timings import DEFAULT_TIMINGS
 
 from .helpers import assertNoResult, successResultOf
 
@@ -63,7 +64,7 @@ def test_make_service_builds_the_node_and_its_http_listener():
     assert listener.what == "http"
     assert listener.description == HTTP
     node = node_service.node
-    assert (node.node_id, node.queue.size, node.min_copies) == ("t1", 7, 1)
+    assert (node.node_id, node.queue.size, node.stats()["min_copies"]) == ("t1", 7, 1)
     assert reactor.tcpServers == []  # nothing listens before start
 
 
@@ -84,7 +85,7 @@ def test_started_service_listens_for_http_only_and_serves_the_api():
         assert (status, json.loads(body)) == (200, {"status": "ready"})
     finally:
         stopped = service.stopService()
-    reactor.advance(tap.SHUTDOWN_GRACE)
+    reactor.advance(DEFAULT_TIMINGS.shutdown_grace)
     successResultOf(stopped)
 
 
@@ -94,12 +95,12 @@ def test_stopping_shuts_the_node_down_with_a_grace_period():
     (node_service,) = children(service, tap.NodeService)
     service.privilegedStartService()
     service.startService()
-    assert node_service.node.is_ready
+    assert node_service.node.readiness.reason() is None
 
     stopped = service.stopService()
-    assert not node_service.node.is_ready  # refuses writes at once
+    assert node_service.node.readiness.refusal() is not None  # refuses writes at once
     assertNoResult(stopped)  # answered long polls still get to flush
-    reactor.advance(tap.SHUTDOWN_GRACE)
+    reactor.advance(DEFAULT_TIMINGS.shutdown_grace)
     successResultOf(stopped)
     assert reactor.getDelayedCalls() == []
 

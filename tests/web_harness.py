@@ -131,7 +131,7 @@ class Harness:
         stats = self.node.stats()
         assert stats["waiting_gets"] == 0
         pending = self.clock.getDelayedCalls()
-        if stats["leased"] and self.node.is_ready:
+        if stats["leased"] and self.node.readiness.refusal() is None:
             assert len(pending) == 1, pending
         elif not stats["leased"]:
             assert len(pending) <= 1, pending

@@ -1,0 +1,157 @@
+"""What a cluster node holds and the rules for merging into it.
+
+Holdings owns the replica store (peers' records, tombstones of every owner,
+the highest epoch known per owner) and, while the node recovers, the node's
+own messages found on peers.  Every way state arrives (a Replicate, a
+tombstone batch, a sync page) goes through :meth:`merge_records`,
+:meth:`merge_tombstones` or :meth:`merge_epochs`: union, tombstone wins.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from .amp_commands import StaleEpoch
+from .idempotency import body_digest
+from .queue import PENDING, Message
+from .readiness import Readiness
+from .replica import Record, ReplicaStore, matching_ids
+from .tombstones import Tombstones
+
+
+class OwnQueue(Protocol):
+    """What Holdings needs of the node whose replicas it keeps."""
+
+    node_id: str
+    epoch: int
+    readiness: Readiness
+
+    def restore(self, records: Iterable[Record]) -> None: ...
+
+    def apply_tombstone(self, message_id: str) -> Message: ...
+
+    def accepted_messages(self) -> list[Message]: ...
+
+    @property
+    def queue(self): ...  # noqa: ANN201 - a WorkQueue (get, depth, __contains__)
+
+    @property
+    def idempotency(self): ...  # noqa: ANN201 - an IdempotencyIndex
+
+
+class Holdings:
+    def __init__(self, node: OwnQueue, clock: IReactorTime) -> None:
+        self.node = node
+        self.me = node.node_id
+        self.clock = clock
+        self.store = ReplicaStore()
+        # Own messages found on peers while recovering, queued once it ends.
+        self.recovered: dict[str, Record] = {}
+
+    def held(self, owner: str) -> int:
+        return self.store.held(owner)
+
+    def is_tombstoned(self, message_id: str) -> bool:
+        return self.store.is_tombstoned(message_id)
+
+    # -- epochs --------------------------------------------------------------
+
+    def note_epoch(self, owner: str, epoch: int) -> None:
+        self.store.note_epoch(owner, epoch)
+
+    def known_epoch(self, owner: str) -> int:
+        return self.store.epochs.get(owner, 0)
+
+    def check_epoch(self, owner: str, epoch: int) -> None:
+        """Refuse ``owner`` at ``epoch`` if a newer epoch of it is known."""
+        if epoch and epoch < self.known_epoch(owner):
+            raise StaleEpoch(f"{owner} serves with a newer epoch")
+
+    def merge_epochs(self, epochs: dict[str, int]) -> int | None:
+        """Note every epoch; a newer epoch of this node than the one it
+        serves with, if there is one (the node must be fenced)."""
+        newer = None
+        for owner, epoch in epochs.items():
+            if (owner == self.me and self.node.readiness.serving
+                    and epoch > self.node.epoch):
+                newer = epoch
+            # Our own too: recovery must pick an epoch above every one seen.
+            self.store.note_epoch(owner, int(epoch))
+        return newer
+
+    def epochs(self) -> dict[str, int]:
+        """Every epoch known, this node's serving one included."""
+        epochs = dict(self.store.epochs)
+        if self.node.readiness.serving:
+            epochs[self.me] = self.node.epoch
+        return epochs
+
+    # -- records -------------------------------------------------------------
+
+    def merge_records(self, records: Iterable[Record]) -> int:
+        """Union ``records`` in; how many peers' records were new."""
+        added = 0
+        node = self.node
+        for record in records:
+            mid = record.mid
+            if mid.node != self.me:
+                if self.store.add(record):
+                    added += 1
+                    if record.key is not None:
+                        node.idempotency.remember(record.key, body_digest(record.body),
+                                                  record.id)
+                continue
+            if self.store.is_tombstoned(record.id):
+                continue
+            if not node.readiness.serving:
+                if not node.readiness.fenced:  # recovering
+                    self.recovered.setdefault(record.id, record)
+            elif mid.epoch < node.epoch and record.id not in node.queue:
+                # Our own message from before a restart, reaching us late.
+                node.restore([record])
+        return added
+
+    def snapshot(self) -> list[Record | Message]:
+        """Every record held, own accepted messages first (for a sync)."""
+        return [*self.node.accepted_messages(), *self.recovered.values(),
+                *self.store.records()]
+
+    def take_recovered(self) -> list[Record]:
+        """The own messages found while recovering, in id order; cleared."""
+        recovered = sorted(self.recovered.values(), key=lambda r: r.mid[1:])
+        self.recovered.clear()
+        return recovered
+
+    # -- tombstones ----------------------------------------------------------
+
+    def tombstone(self, message_id: str) -> None:
+        """Write one tombstone here (an ack, a withdrawn push)."""
+        self._released(self.store.tombstone(message_id))
+        self.recovered.pop(message_id, None)
+
+    def merge_tombstones(self, tombstones: Tombstones) -> None:
+        for record in self.store.merge_tombstones(tombstones):
+            self._released(record)
+        for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
+            del self.recovered[message_id]
+        self._apply_own_tombstones(tombstones)
+
+    def _apply_own_tombstones(self, tombstones: Tombstones) -> None:
+        """Acks written elsewhere for messages in our own queue."""
+        queue = self.node.queue
+        if not queue.depth:
+            return
+        for (owner, epoch), ranges in tombstones.items():
+            if owner != self.me:
+                continue
+            for message_id in matching_ids(queue, owner, epoch, ranges):
+                message = queue.get(message_id)
+                if message is not None and message.state != PENDING:
+                    self.node.apply_tombstone(message_id)
+
+    def _released(self, record: Record | None) -> None:
+        if record is not None and record.key is not None:
+            self.node.idempotency.released(record.key, self.clock.seconds())
+
