@@ -221,6 +221,7 @@ class DataDir:
             snapshot = self._read(segment_name("snapshot", base), replay, tail_allowed=False)
             self._snapshot_bytes = snapshot.size
         next_group = 0
+        scanned: SegmentScan | None = None
         for number, generation in enumerate(logs):
             newest = number == len(logs) - 1
             scanned = self._read(segment_name("log", generation), replay, tail_allowed=newest)
@@ -228,7 +229,7 @@ class DataDir:
         replay.finish()
         self.replay = replay
         self._remove_older_than(base)
-        if logs and scanned.good_length >= HEADER_SIZE:
+        if scanned is not None and scanned.good_length >= HEADER_SIZE:
             fd = os.open(scanned.path, os.O_WRONLY | os.O_APPEND)
             self._fsync(fd)  # what was replayed is on disk before anything builds on it
             self._switch_log(base, fd, scanned.good_length, scanned.salt, next_group)

@@ -18,16 +18,18 @@ Torn tail or corruption
 The writer only writes group ``g + 1`` after the fsync of group ``g``
 returned, so a crash can only damage the *last* group, and the damage may be
 anywhere in it (pages of one write can reach the disk in any order).  Scanning
-stops at the first *bad frame* (bad mark, checksum, a length past the end of
-the file, a group out of sequence).  The bad frame belongs to the group that
-was open there (the group of the entry before it if that entry was not its
-group's last, else the next group).  Then:
+stops at the first *bad frame* (bad mark, bad checksum, a length past the end
+of the file).  The bad frame belongs to the group that was open there (the
+group of the entry before it if that entry was not its group's last, else
+the next group).  Then:
 
 * every valid entry found after the bad frame belongs to that same group
   (or there is none): the damage lies within the last group, as a crash
   leaves it -- a **torn tail**; and
 * any valid entry of another group after it: a group that was fsynced before
   a later one was written is damaged -- **corruption**, :class:`CorruptLog`.
+  So is a valid entry whose group is out of sequence, and one of an unknown
+  type.
 
 A torn tail drops the whole damaged group (none of it was fsynced, so no
 caller was told it is on disk); the same goes for a last group that simply

@@ -148,6 +148,20 @@ def test_a_torn_tail_is_cut_and_appends_go_on(tmp_path: Path) -> None:
     assert state_of(after)[0] == before[0] + [("a.1.9", b"m9", "text/plain", None, 0)]
 
 
+def test_a_torn_header_of_a_new_log_is_rewritten(tmp_path: Path) -> None:
+    write_history(tmp_path)
+    datadir = DataDir.open(str(tmp_path))
+    expected = state_of(datadir.replay)
+    datadir.compact(datadir.replay.snapshot_entries())
+    datadir.close()
+    os.truncate(tmp_path / "log-00000002", 11)  # as if its creation were not atomic
+    datadir = DataDir.open(str(tmp_path))
+    assert state_of(datadir.replay) == expected
+    datadir.append([journal.own_records([record(9)])])
+    datadir.close()
+    assert list(reopen(tmp_path).own)[-1] == "a.1.9"
+
+
 def test_a_flipped_byte_in_the_middle_stops_the_open(tmp_path: Path) -> None:
     write_history(tmp_path)
     log_path = tmp_path / "log-00000001"
