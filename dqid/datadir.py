@@ -231,8 +231,8 @@ class DataDir:
         self._remove_older_than(base)
         if scanned is not None and scanned.good_length >= HEADER_SIZE:
             fd = os.open(scanned.path, os.O_WRONLY | os.O_APPEND)
-            self._fsync(fd)  # what was replayed is on disk before anything builds on it
             self._switch_log(base, fd, scanned.good_length, scanned.salt, next_group)
+            self._fsync(fd)  # what was replayed is on disk before anything builds on it
         else:  # a fresh directory, a crash right after a snapshot, a torn header
             fd, salt = self._new_log(base, next_group)
             self._switch_log(base, fd, HEADER_SIZE, salt, next_group)
