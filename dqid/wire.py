@@ -2,22 +2,55 @@
 
 Records are length-prefixed binary (bodies are any bytes); tombstones are
 JSON of ``Tombstones.as_dict()``.  Both may be far larger than one AMP value;
-:class:`dqid.amp_commands.Chunked` splits them on the wire.
+:class:`dqid.amp_commands.Chunked` splits them on the wire (see
+:func:`join_chunks`).
+
+Everything here decodes bytes a peer sent, so every decoder checks every
+value and raises only :class:`WireError` for input that is not a valid
+encoding: never another exception, never a hang, and never an allocation
+larger than the input (a forged length can only point past the end).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from sys import intern
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
-from .ids import parse_id
+from .ids import MessageId, is_valid_node_id, parse_id
 from .replica import MessageLike, Record
 from .tombstones import Tombstones
 
 _HEADER = struct.Struct(">HHHII")
 _NONE = 0xFFFF
+
+MAX_EPOCH = 36**13 - 1  # the largest epoch (or seq) a message id can carry
+MAX_SEQ = MAX_EPOCH
+# Seqs past MAX_SEQ never exist, so a range may end anywhere beyond it; the
+# bound only keeps absurd integers out.
+MAX_RANGE_END = 2**128
+MAX_CHUNK_BYTES = 0xFFFF  # one AMP value
+_SHOWN = 60  # characters of a bad value quoted in an error message
+_DECIMAL_RE = re.compile(r"\A(?:0|[1-9][0-9]{0,20})\Z")
+_COUNT_RE = re.compile(rb"\A[1-9][0-9]{0,9}\Z")
+
+
+class WireError(ValueError):
+    """Bytes or values from a peer that are not a valid encoding.
+
+    The only exception the decoders raise for bad input; its message is one
+    line, with any quoted value cut short.
+    """
+
+
+def _quoted(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+# -- records ------------------------------------------------------------------
 
 
 def _text(value: str | None) -> tuple[int, bytes]:
@@ -43,42 +76,204 @@ def encode_records(messages: Iterable[MessageLike]) -> bytes:
 
 
 def decode_records(data: bytes) -> list[Record]:
+    """The records in ``data``: whole, valid encodings only, else WireError.
+
+    Each record is a header (id, content-type and key lengths, 0xFFFF for
+    none; deliveries; body length) and then those fields.  The id must be one
+    dqid could mint; text fields must be UTF-8; nothing may run past the end.
+    """
+    if type(data) is not bytes:
+        data = bytes(memoryview(data))  # bodies must be bytes, not views
     records: list[Record] = []
     append = records.append
     unpack = _HEADER.unpack_from
     size = _HEADER.size
     end = len(data)
-    offset = 0
-    while offset < end:
-        stop = offset + size
-        if stop > end:
-            raise ValueError("truncated record header")
-        id_len, ct_len, key_len, deliveries, body_len = unpack(data, offset)
-        if id_len == _NONE:
-            raise ValueError("record without an id")
-        offset, stop = stop, stop + id_len
-        message_id = data[offset:stop].decode("utf-8")
-        content_type = key = None
-        if ct_len != _NONE:
-            offset, stop = stop, stop + ct_len
-            content_type = intern(data[offset:stop].decode("utf-8"))
-        if key_len != _NONE:
-            offset, stop = stop, stop + key_len
-            key = data[offset:stop].decode("utf-8")
-        offset, stop = stop, stop + body_len
-        if stop > end:
-            raise ValueError("truncated record")
-        mid = parse_id(message_id)  # ValueError for an id dqid could not mint
-        append(Record(message_id, data[offset:stop], content_type, key, deliveries, mid))
-        offset = stop
+    offset = start = 0
+    try:
+        while offset < end:
+            start = offset
+            stop = offset + size
+            if stop > end:
+                raise WireError("truncated record header")
+            id_len, ct_len, key_len, deliveries, body_len = unpack(data, offset)
+            if id_len == _NONE:
+                raise WireError("record without an id")
+            offset, stop = stop, stop + id_len
+            message_id = data[offset:stop].decode("utf-8")
+            content_type = key = None
+            if ct_len != _NONE:
+                offset, stop = stop, stop + ct_len
+                content_type = intern(data[offset:stop].decode("utf-8"))
+            if key_len != _NONE:
+                offset, stop = stop, stop + key_len
+                key = data[offset:stop].decode("utf-8")
+            offset, stop = stop, stop + body_len
+            if stop > end:
+                raise WireError("truncated record")
+            mid = parse_id(message_id)  # ValueError for an id dqid could not mint
+            append(Record(message_id, data[offset:stop], content_type, key, deliveries, mid))
+            offset = stop
+    except WireError as error:
+        raise WireError(f"record at byte {start}: {error}") from None
+    except UnicodeDecodeError:
+        raise WireError(f"record at byte {start}: a text field is not UTF-8") from None
+    except ValueError:
+        raise WireError(
+            f"record at byte {start}: not a dqid message id: {_quoted(message_id)}"
+        ) from None
     return records
+
+
+# -- tombstones ---------------------------------------------------------------
 
 
 def encode_tombstones(tombstones: Tombstones) -> bytes:
     return json.dumps(tombstones.as_dict(), separators=(",", ":")).encode("utf-8")
 
 
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"{name} is not a tombstone value")
+
+
 def decode_tombstones(data: bytes) -> Tombstones:
+    """Tombstones from the JSON ``{owner: {epoch: [[start, end], ...]}}``; else WireError.
+
+    Owners are node ids; epochs are decimal keys in 0 ... MAX_EPOCH; each
+    range is two ints with 0 <= start <= MAX_SEQ and start < end <= MAX_RANGE_END.
+    """
     if not data:
         return Tombstones()
-    return Tombstones.from_dict(json.loads(data))
+    try:
+        document = json.loads(data, parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, depth
+        raise WireError("tombstones are not JSON") from None
+    if type(document) is not dict:
+        raise WireError("tombstones are not a JSON object")
+    tombstones = Tombstones()
+    add_range = tombstones.add_range
+    for owner, epochs in document.items():
+        if not is_valid_node_id(owner):
+            raise WireError(f"tombstone owner is not a node id: {_quoted(owner)}")
+        if type(epochs) is not dict:
+            raise WireError(f"tombstones of {owner!r} are not a JSON object")
+        for epoch_text, ranges in epochs.items():
+            epoch = _epoch_key(owner, epoch_text)
+            if type(ranges) is not list:
+                raise WireError(f"tombstones of {owner!r} epoch {epoch} are not a list")
+            for pair in ranges:
+                if (type(pair) is not list or len(pair) != 2
+                        or type(pair[0]) is not int or type(pair[1]) is not int):
+                    raise WireError(
+                        f"tombstone range of {owner!r} epoch {epoch} is not"
+                        f" [start, end]: {_quoted(pair)}")
+                start, end = pair
+                if not (0 <= start <= MAX_SEQ and start < end <= MAX_RANGE_END):
+                    raise WireError(
+                        f"tombstone range of {owner!r} epoch {epoch} out of bounds:"
+                        f" {_quoted(pair)}")
+                add_range(owner, epoch, start, end)
+    return tombstones
+
+
+def _epoch_key(owner: str, text: str) -> int:
+    if _DECIMAL_RE.match(text) is None or int(text) > MAX_EPOCH:
+        raise WireError(f"tombstone epoch of {owner!r} is not an epoch: {_quoted(text)}")
+    return int(text)
+
+
+# -- known epochs -------------------------------------------------------------
+
+
+def encode_epochs(epochs: Mapping[str, int]) -> bytes:
+    """``{node: epoch}`` as JSON (``SyncStart``'s ``epochs``)."""
+    return json.dumps(dict(epochs), separators=(",", ":")).encode("utf-8")
+
+
+def decode_epochs(data: bytes) -> dict[str, int]:
+    """``{node: epoch}`` from JSON: node ids to ints in 0 ... MAX_EPOCH; else WireError."""
+    try:
+        document = json.loads(data, parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except (ValueError, RecursionError):
+        raise WireError("epochs are not JSON") from None
+    if type(document) is not dict:
+        raise WireError("epochs are not a JSON object")
+    for node, epoch in document.items():
+        if not is_valid_node_id(node):
+            raise WireError(f"epochs: not a node id: {_quoted(node)}")
+        if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+            raise WireError(f"epochs: not an epoch for {node!r}: {_quoted(epoch)}")
+    return document
+
+
+# -- chunks and single values -------------------------------------------------
+
+
+def join_chunks(strings: Mapping[bytes, bytes], name: bytes) -> bytes:
+    """Undo :class:`dqid.amp_commands.Chunked`: ``name`` holds the chunk count,
+    ``name.1`` ... ``name.N`` the chunks, each at most one AMP value.
+
+    The count must be a plain decimal of at least 1, and no more than the
+    box holds keys, so a forged count costs nothing.
+    """
+    raw_count = strings.get(name)
+    if raw_count is None:
+        raise WireError(f"{_quoted(name)}: chunk count missing")
+    if type(raw_count) is not bytes or _COUNT_RE.match(raw_count) is None:
+        raise WireError(f"{_quoted(name)}: chunk count is not a count: {_quoted(raw_count)}")
+    count = int(raw_count)
+    if count > len(strings):
+        raise WireError(f"{_quoted(name)}: {count} chunks announced, fewer sent")
+    chunks = []
+    for index in range(1, count + 1):
+        chunk = strings.get(b"%s.%d" % (name, index))
+        if chunk is None:
+            raise WireError(f"{_quoted(name)}: chunk {index} of {count} missing")
+        if len(chunk) > MAX_CHUNK_BYTES:
+            raise WireError(f"{_quoted(name)}: chunk {index} longer than one AMP value")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def checked_epoch(value: object) -> int:
+    """An epoch a peer sent (``Hello``, a record's id): an int in 0 ... MAX_EPOCH."""
+    if type(value) is not int or not 0 <= value <= MAX_EPOCH:
+        raise WireError(f"not an epoch: {_quoted(value)}")
+    return value
+
+
+def checked_node_id(value: object) -> str:
+    """A node id a peer sent: 1-64 of ``A-Z a-z 0-9 _ -``."""
+    if type(value) is not str or not is_valid_node_id(value):
+        raise WireError(f"not a node id: {_quoted(value)}")
+    return value
+
+
+def checked_message_id(value: object) -> MessageId:
+    """A message id a peer sent, parsed: one dqid could mint."""
+    if type(value) is not str:
+        raise WireError(f"not a dqid message id: {_quoted(value)}")
+    try:
+        return parse_id(value)
+    except ValueError:
+        raise WireError(f"not a dqid message id: {_quoted(value)}") from None
+
+
+def checked_seconds(value: object, low: float, high: float) -> float:
+    """A duration a peer sent (``amp.Float`` parses "nan" and "inf"): finite, in [low, high]."""
+    if type(value) is not float and type(value) is not int:
+        raise WireError(f"not a number of seconds: {_quoted(value)}")
+    if not low <= value <= high:  # False for NaN
+        raise WireError(f"seconds not in {low}...{high}: {_quoted(value)}")
+    return float(value)
+
+
+def checked_count(value: object, limit: int) -> int:
+    """A count or length a peer sent: an int in 0 ... ``limit``."""
+    if type(value) is not int or not 0 <= value <= limit:
+        raise WireError(f"not a count in 0...{limit}: {_quoted(value)}")
+    return value
