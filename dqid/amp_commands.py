@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
+from .wire import WireError, join_chunks
+
 PROTOCOL_MIN = 2
 PROTOCOL_MAX = 2
 
@@ -22,17 +24,20 @@ class Chunked(amp.Argument):
     """
 
     def toBox(self, name, strings, objects, proto):
-        value = objects[amp._wireNameToPythonIdentifier(name)]
+        value = objects[_identifier(name)]
         chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
         strings[name] = b"%d" % len(chunks)
         for index, chunk in enumerate(chunks):
             strings[b"%s.%d" % (name, index + 1)] = chunk
 
     def fromBox(self, name, strings, objects, proto):
-        count = int(strings[name])
-        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(
-            strings[b"%s.%d" % (name, index + 1)] for index in range(count)
-        )
+        # A forged count or a missing chunk is a WireError (BAD_INPUT).
+        objects[_identifier(name)] = join_chunks(strings, name)
+
+
+def _identifier(name: bytes) -> str:
+    """The Python name of an argument's wire name (as AMP spells them)."""
+    return name.decode("ascii").replace("-", "_")
 
 
 class ClusterMismatch(Exception):
@@ -66,6 +71,7 @@ def negotiate(local_min: int, local_max: int, remote_min: int, remote_max: int) 
 
 
 COMMON_ERRORS = {
+    WireError: b"BAD_INPUT",
     StaleEpoch: b"STALE_EPOCH",
     NotHolder: b"NOT_HOLDER",
 }

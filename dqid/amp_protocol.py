@@ -1,24 +1,55 @@
 """The AMP protocol between peers: responders delegate to a Handlers.
 
-A connection is symmetric once :class:`~dqid.amp_commands.Hello` has been
-answered: the side that dialled sends Hello, and from then on either side
-may call any command on it.  This module knows the commands, not the
+Every connection starts with the mutual challenge-response of
+:mod:`dqid.handshake` (``AuthChallenge``, ``AuthProve``): until the other
+side has proven the cluster key, no other command is answered, and a
+failure closes the connection and is logged with the remote address,
+changing nothing.  Then the side that dialled sends
+:class:`~dqid.amp_commands.Hello`, and from then on either side may call any
+command on the connection.  This module knows the commands, not the
 cluster: it is written against :class:`Handlers`, which the cluster is.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from .amp_commands import negotiate
+from .auth_commands import AuthChallenge, AuthProve
+from .handshake import DiallerHandshake, HandshakeFailed, ListenerHandshake
+from .wire import (
+    MAX_EPOCH, WireError, checked_count, checked_epoch, checked_message_id,
+    checked_node_id, checked_seconds,
+)
 
-__all__ = ["Handlers", "PeerFactory", "PeerProtocol", "negotiate"]
+__all__ = ["Handlers", "PeerAuth", "PeerFactory", "PeerProtocol", "negotiate"]
+
+# Largest values a peer may send: a lease (as the HTTP API allows), a take.
+MAX_VISIBILITY = 43200.0
+MAX_TAKE = 1000
+MAX_IDS = 100_000
+
+_AUTH_COMMANDS = frozenset({AuthChallenge.commandName, AuthProve.commandName})
+
+
+@dataclass(frozen=True)
+class PeerAuth:
+    """What a connection needs to prove itself and check the other side."""
+
+    key: bytes  # the cluster key; never sent
+    node: str  # this node's id
+    members: frozenset[str]  # the other nodes' ids, allowed to dial in
+    clock: IReactorTime
+    timeout: float  # a connection not authenticated by then is closed
 
 
 class Handlers(Protocol):
@@ -57,13 +88,18 @@ class Handlers(Protocol):
 class PeerProtocol(amp.AMP):
     log = Logger()
 
-    def __init__(self, handlers: Handlers, dialled: str | None = None) -> None:
+    def __init__(self, handlers: Handlers, auth: PeerAuth,
+                 dialled: str | None = None) -> None:
         super().__init__()
         self.handlers = handlers
+        self.auth = auth
         self.dialled = dialled  # the peer id we connected out to, if any
         self.peer_id: str | None = None
         self.peer_epoch = 0
         self.version = 0
+        self.authenticated = False  # the other side proved the cluster key
+        self._handshake: DiallerHandshake | ListenerHandshake | None = None
+        self._auth_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -72,54 +108,185 @@ class PeerProtocol(amp.AMP):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        self._auth_timer = self.auth.clock.callLater(self.auth.timeout, self._auth_timed_out)
         if self.dialled is not None:
-            self.handlers.say_hello(self)
+            self._challenge()
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        self.handlers.link_down(self)
+        self._cancel_auth_timer()
+        if self.authenticated:
+            self.handlers.link_down(self)
+
+    # -- authentication ------------------------------------------------------
+
+    def remote_address(self) -> str:
+        peer = getattr(self.transport, "getPeer", None)
+        address = peer() if peer is not None else None
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"{host}:{port}" if host is not None else str(address)
+
+    def _refuse(self, why: str) -> None:
+        """The other side did not authenticate: log, close, change nothing."""
+        self.log.warn("refused peer connection from {address}: {why}",
+                      address=self.remote_address(), why=why)
+        self._cancel_auth_timer()
+        self.transport.loseConnection()
+
+    def _cancel_auth_timer(self) -> None:
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+
+    def _auth_timed_out(self) -> None:
+        self._auth_timer = None
+        if not self.authenticated:
+            self._refuse("no authentication in time")
+
+    def _authenticated(self, peer: str) -> None:
+        self.authenticated = True
+        self._cancel_auth_timer()
+        self.log.debug("peer {peer} at {address} proved the cluster key",
+                       peer=peer, address=self.remote_address())
+
+    def _challenge(self) -> None:
+        auth = self.auth
+        handshake = self._handshake = DiallerHandshake(auth.key, auth.node, self.dialled)
+        challenge = handshake.challenge()
+        d = self.callRemote(AuthChallenge, node=challenge.node, nonce=challenge.nonce)
+        d.addCallback(self._challenge_answered, handshake)
+        d.addCallback(lambda _: self.handlers.say_hello(self) if self.authenticated else None)
+        d.addErrback(self._dial_auth_failed)
+
+    def _challenge_answered(self, answer: dict, handshake: DiallerHandshake) -> Deferred:
+        if answer["node"] != self.dialled:
+            self.log.error(
+                "peer at {address} says it is {node}, not {expected}; check --peer",
+                address=self.remote_address(), node=answer["node"], expected=self.dialled)
+        proof = handshake.answered(answer["node"], answer["nonce"], answer["proof"])
+        d = self.callRemote(AuthProve, proof=proof)
+        d.addCallback(lambda _: self._authenticated(answer["node"]))
+        return d
+
+    def _dial_auth_failed(self, failure: Failure) -> None:
+        self._refuse(f"authentication failed: {failure.getErrorMessage()}")
+
+    def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred] | None:
+        """Answer nothing but the handshake until the peer is authenticated."""
+        if self.authenticated or name in _AUTH_COMMANDS:
+            return super().locateResponder(name)
+        self._refuse(f"{name.decode('ascii', 'replace')!r} before authentication")
+        return lambda box: Deferred()  # never answered; the connection closes
+
+    @AuthChallenge.responder
+    def auth_challenge(self, node: str, nonce: bytes) -> dict:
+        if self.dialled is not None or self._handshake is not None:
+            self._refuse("a second or crossed challenge")
+            raise HandshakeFailed("unexpected challenge")
+        auth = self.auth
+        handshake = self._handshake = ListenerHandshake(auth.key, auth.node, auth.members)
+        try:
+            answer = handshake.challenged(node, nonce)
+        except HandshakeFailed as error:
+            self._refuse(str(error))
+            raise
+        return {"node": answer.node, "nonce": answer.nonce, "proof": answer.proof}
+
+    @AuthProve.responder
+    def auth_prove(self, proof: bytes) -> dict:
+        handshake = self._handshake
+        if not isinstance(handshake, ListenerHandshake):
+            self._refuse("a proof without a challenge")
+            raise HandshakeFailed("unexpected proof")
+        try:
+            peer = handshake.proved(proof)
+        except HandshakeFailed as error:
+            self._refuse(str(error))
+            raise
+        self._authenticated(peer)
+        return {}
+
+    # -- the cluster's commands ----------------------------------------------
 
     def _from_peer(self) -> str:
         if self.peer_id is None:
             raise cmd.NotHolder("say Hello first")
         return self.peer_id
 
+    def _bad_input(self, error: WireError, command: str) -> WireError:
+        self.log.warn("bad {command} from peer {peer} at {address}: {error}",
+                      command=command, peer=self.peer_id, address=self.remote_address(),
+                      error=str(error))
+        return error
+
     @cmd.Hello.responder
     def hello(self, version_min: int, version_max: int, node: str, epoch: int,
               cluster: list[str]) -> dict:
+        try:
+            checked_node_id(node)
+            checked_epoch(epoch)
+            for member in cluster:
+                checked_node_id(member)
+        except WireError as error:
+            raise self._bad_input(error, "Hello") from None
         return self.handlers.on_hello(self, version_min, version_max, node, epoch, cluster)
 
     @cmd.Announce.responder
     def announce(self, node: str, epoch: int) -> dict:
         self._from_peer()
+        try:
+            checked_epoch(epoch)
+        except WireError as error:
+            raise self._bad_input(error, "Announce") from None
         self.handlers.on_announce(self, node, epoch)
         return {}
 
     @cmd.Heartbeat.responder
     def heartbeat(self, node: str, epoch: int, ready: int, serving: bool) -> dict:
         self._from_peer()
+        try:
+            checked_epoch(epoch)
+            checked_count(ready, MAX_EPOCH)
+        except WireError as error:
+            raise self._bad_input(error, "Heartbeat") from None
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
     @cmd.Replicate.responder
     def replicate(self, owner: str, epoch: int, records: bytes) -> dict:
         self._from_peer()
-        return {"held": self.handlers.on_replicate(self, owner, epoch, records)}
+        try:
+            checked_epoch(epoch)
+            return {"held": self.handlers.on_replicate(self, owner, epoch, records)}
+        except WireError as error:
+            raise self._bad_input(error, "Replicate") from None
 
     @cmd.Tombstones.responder
     def tombstones(self, tombstones: bytes) -> dict:
         self._from_peer()
-        self.handlers.on_tombstones(tombstones)
+        try:
+            self.handlers.on_tombstones(tombstones)
+        except WireError as error:
+            raise self._bad_input(error, "Tombstones") from None
         return {}
 
     @cmd.Ack.responder
     def ack(self, ids: list[str]) -> dict:
         self._from_peer()
+        try:
+            checked_count(len(ids), MAX_IDS)
+        except WireError as error:
+            raise self._bad_input(error, "Ack") from None
         acked, unknown = self.handlers.on_ack(ids)
         return {"acked": acked, "unknown": unknown}
 
     @cmd.Lease.responder
     def lease(self, id: str, visibility: float) -> dict:
         self._from_peer()
+        try:
+            checked_message_id(id)
+            checked_seconds(visibility, 0.0, MAX_VISIBILITY)
+        except WireError as error:
+            raise self._bad_input(error, "Lease") from None
         return {"outcome": self.handlers.on_lease(id, visibility)}
 
     @cmd.KeyLookup.responder
@@ -130,6 +297,11 @@ class PeerProtocol(amp.AMP):
     @cmd.Take.responder
     def take(self, count: int, visibility: float) -> dict:
         self._from_peer()
+        try:
+            checked_count(count, MAX_TAKE)
+            checked_seconds(visibility, 0.001, MAX_VISIBILITY)
+        except WireError as error:
+            raise self._bad_input(error, "Take") from None
         return {"records": self.handlers.on_take(count, visibility)}
 
     @cmd.SyncStart.responder
@@ -148,11 +320,13 @@ class PeerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, handlers: Handlers, dialled: str | None = None) -> None:
+    def __init__(self, handlers: Handlers, auth: PeerAuth,
+                 dialled: str | None = None) -> None:
         self.handlers = handlers
+        self.auth = auth
         self.dialled = dialled
 
     def buildProtocol(self, addr: Any) -> PeerProtocol:
-        protocol = PeerProtocol(self.handlers, self.dialled)
+        protocol = PeerProtocol(self.handlers, self.auth, self.dialled)
         protocol.factory = self
         return protocol

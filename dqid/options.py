@@ -12,6 +12,9 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from .ids import is_valid_node_id, node_id_from_hostname
+from .keyfile import KeyFileError, load_cluster_key
+from .peer_tls import PeerTLS, PeerTLSError
+from .tokens import TokenFileError, TokenSet
 
 DEFAULT_HTTP = "tcp:8080:interface=127.0.0.1"
 DEFAULT_AMP = "tcp:8081:interface=127.0.0.1"
@@ -95,6 +98,14 @@ class Options(usage.Options):
          _coercer("--visibility", "seconds, 0 < S <= 43200", _lease_seconds)],
         ["max-message-bytes", None, 262144, "Largest message body, in bytes",
          _coercer("--max-message-bytes", "a whole number >= 1", _positive_int)],
+        ["cluster-key-file", None, None,
+         "File holding the key peers prove to each other (mode 0600, >= 16 bytes); "
+         "required with --peer"],
+        ["peer-tls-cert", None, None, "PEM certificate of this node, for TLS between peers"],
+        ["peer-tls-key", None, None, "PEM private key of --peer-tls-cert"],
+        ["peer-tls-ca", None, None, "PEM certificate of the CA that signs every peer's"],
+        ["http-token-file", None, None,
+         "File of bearer tokens for the HTTP API, one per line (re-read on SIGHUP)"],
     ]
 
     def __init__(self) -> None:
@@ -128,6 +139,37 @@ class Options(usage.Options):
             )
         for name in ("http", "amp"):
             _check_endpoint(name, self[name])
+        self._load_security()
+
+    def _load_security(self) -> None:
+        """Read the key, certificates and tokens now: a bad file is a
+        one-line error at start, never a failure later."""
+        path = self["cluster-key-file"]
+        if self["peers"] and path is None:
+            raise usage.UsageError("--cluster-key-file is required with --peer "
+                                   "(peers prove a shared key to each other)")
+        self["cluster-key"] = None
+        if path is not None and self["peers"]:
+            try:
+                self["cluster-key"] = load_cluster_key(path)
+            except KeyFileError as error:
+                raise usage.UsageError(f"--cluster-key-file: {error}") from None
+        tls = [self[f"peer-tls-{part}"] for part in ("cert", "key", "ca")]
+        self["peer-tls"] = None
+        if any(tls):
+            if not all(tls):
+                raise usage.UsageError(
+                    "--peer-tls-cert, --peer-tls-key and --peer-tls-ca go together")
+            try:
+                self["peer-tls"] = PeerTLS.load(*tls)
+            except PeerTLSError as error:
+                raise usage.UsageError(str(error)) from None
+        self["http-tokens"] = None
+        if self["http-token-file"] is not None:
+            try:
+                self["http-tokens"] = TokenSet(self["http-token-file"])
+            except TokenFileError as error:
+                raise usage.UsageError(f"--http-token-file: {error}") from None
 
     def parseArgs(self, *args: str) -> None:
         if args:

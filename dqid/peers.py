@@ -16,6 +16,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocolFactory
 
 from .options import PeerAddress
+from .peer_tls import PeerTLS
 from .timings import Timings
 
 
@@ -63,9 +64,13 @@ class Peer:
 
 
 def peer_client(reactor: Any, factory: IProtocolFactory, peer: PeerAddress,
-                timings: Timings) -> ClientService:
-    """A ClientService that keeps one outbound connection to ``peer``."""
-    endpoint = HostnameEndpoint(reactor, peer.host, peer.port, timeout=timings.dial_timeout)
+                timings: Timings, tls: PeerTLS | None = None) -> ClientService:
+    """A ClientService that keeps one outbound connection to ``peer``
+    (over mutual TLS when ``tls`` is given)."""
+    endpoint: Any = HostnameEndpoint(reactor, peer.host, peer.port,
+                                     timeout=timings.dial_timeout)
+    if tls is not None:
+        endpoint = tls.client_endpoint(endpoint, peer.host)
     return ClientService(
         endpoint,
         factory,

@@ -207,10 +207,13 @@ class Replicator:
         if owner != link.peer_id:
             raise cmd.NotHolder("replicate your own messages only")
         self.holdings.check_epoch(owner, epoch)
+        decoded = decode_records(records)  # a WireError changes nothing
+        if any(record.mid.node != owner for record in decoded):
+            raise cmd.NotHolder("replicate your own messages only")
         self.holdings.note_epoch(owner, epoch)
         peer = self.links.peers[owner]
         peer.last_seen = self.links.now()
-        added = self.holdings.merge_records(decode_records(records))
+        added = self.holdings.merge_records(decoded)
         if added:
             peer.ready_count += added
             self.clock.callLater(0, self.work_arrived)

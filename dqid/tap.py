@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .amp_protocol import PeerFactory
+from .amp_protocol import PeerAuth, PeerFactory
 from .cluster import Cluster
 from .httpbody import bounded_site
 from .node import QueueNode
@@ -165,9 +165,15 @@ def makeService(config: Any, reactor: Any = None,
     if peers:
         cluster = Cluster(node, peers, reactor, config["min-copies"], timings)
         ClusterService(cluster).setServiceParent(top)
-        ListenService("amp", config["amp"], reactor, PeerFactory(cluster)).setServiceParent(top)
+        auth = PeerAuth(config["cluster-key"], node.node_id,
+                        frozenset(p.node_id for p in peers), reactor, timings.call_timeout)
+        tls = config["peer-tls"]
+        listener: Any = PeerFactory(cluster, auth)
+        if tls is not None:
+            listener = tls.server_factory(listener)
+        ListenService("amp", config["amp"], reactor, listener).setServiceParent(top)
         for peer in peers:
-            peer_client(reactor, PeerFactory(cluster, dialled=peer.node_id), peer,
-                        timings).setServiceParent(top)
+            peer_client(reactor, PeerFactory(cluster, auth, dialled=peer.node_id), peer,
+                        timings, tls).setServiceParent(top)
     ListenService("http", config["http"], reactor, site).setServiceParent(top)
     return top

@@ -9,7 +9,6 @@ peers; then it takes an epoch above every one seen for its id.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -25,7 +24,10 @@ from .peers import Peer
 from .readiness import Phase, Readiness
 from .replica import Record
 from .timings import Timings
-from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
+from .wire import (
+    decode_epochs, decode_records, decode_tombstones, encode_epochs, encode_records,
+    encode_tombstones,
+)
 
 SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
@@ -125,7 +127,7 @@ class StateTransfer:
             serving = peer.serving
             start = await self.links.call(link, cmd.SyncStart)
             self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
-            newer = self.holdings.merge_epochs(json.loads(start["epochs"]))
+            newer = self.holdings.merge_epochs(decode_epochs(start["epochs"]))
             if newer is not None:
                 self.fence(f"epoch {newer} of {self.links.me} exists")
             more, count = True, 0
@@ -163,7 +165,7 @@ class StateTransfer:
         return {
             "token": token,
             "tombstones": encode_tombstones(self.holdings.store.tombstones),
-            "epochs": json.dumps(self.holdings.epochs()).encode("utf-8"),
+            "epochs": encode_epochs(self.holdings.epochs()),
             "total": len(snapshot),
         }
 

@@ -8,8 +8,10 @@
 #   etc/local-cluster.sh status           show each node's /ready
 #
 # Node nI serves HTTP on port BASE+I-1 and AMP on port BASE+100+I-1.
-# Environment: DQID_BASE_PORT (8081), DQID_RUN_DIR (./dqid-run: logs and
-# PID files), TWISTD (twistd on PATH), DQID_ARGS (extra options, e.g.
+# The nodes prove a shared key to each other: RUN/cluster.key, made (mode
+# 0600, 32 random bytes) the first time a node starts.
+# Environment: DQID_BASE_PORT (8081), DQID_RUN_DIR (./dqid-run: logs, PID
+# files, the key), TWISTD (twistd on PATH), DQID_ARGS (extra options, e.g.
 # "--min-copies=2 --size=10000").
 set -euo pipefail
 
@@ -27,11 +29,15 @@ start_node() {
         [ "$other" = "$node" ] || peers+=("--peer=$other=127.0.0.1:$(amp_port "$other")")
     done
     mkdir -p "$RUN"
+    if [ ! -s "$RUN/cluster.key" ]; then
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$RUN/cluster.key")
+    fi
     # shellcheck disable=SC2086
     "$TWISTD" -n --pidfile= --logfile="$RUN/$node.log" dqid \
         --node-id="$node" \
         --http="tcp:$(http_port "$node"):interface=127.0.0.1" \
         --amp="tcp:$(amp_port "$node"):interface=127.0.0.1" \
+        --cluster-key-file="$RUN/cluster.key" \
         "${peers[@]}" ${DQID_ARGS:-} >>"$RUN/$node.out" 2>&1 &
     echo $! >"$RUN/$node.pid"
     echo "$node: pid $!, http 127.0.0.1:$(http_port "$node"), amp 127.0.0.1:$(amp_port "$node")"
@@ -60,5 +66,5 @@ case "${1:-}" in
             curl -s "127.0.0.1:$(http_port "$node")/ready" || printf 'down'
             echo
         done ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.test import iosim
 
-from dqid.amp_protocol import PeerProtocol
+from dqid.amp_protocol import PeerAuth, PeerProtocol
 from dqid.cluster import Cluster
 from dqid.node import PushItem, QueueNode
 from dqid.options import PeerAddress
@@ -82,6 +82,7 @@ class Net:
     min_copies: int
     size: int = 100
     replication_timeout: float = 5.0
+    key: bytes = b"a cluster key of the tests, 32 b"
     clock: Clock = field(default_factory=Clock)
     members: dict[str, Member] = field(default_factory=dict)
     retired: list[Member] = field(default_factory=list)
@@ -117,8 +118,8 @@ class Net:
         by default the listener's name) and sends Hello."""
         a = self.members[dialler] if isinstance(dialler, str) else dialler
         b = self.members[listener] if isinstance(listener, str) else listener
-        client = PeerProtocol(a.cluster, dialled=dialled or b.name)
-        server = PeerProtocol(b.cluster)
+        client = PeerProtocol(a.cluster, self.auth(a.name), dialled=dialled or b.name)
+        server = PeerProtocol(b.cluster, self.auth(b.name))
         pump = iosim.connect(
             server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
             greet=False, clock=self.clock,
@@ -141,6 +142,11 @@ class Net:
         self.mesh()
         self.settle()
         return [self.members[name] for name in self.names]
+
+    def auth(self, name: str, key: bytes | None = None) -> PeerAuth:
+        """What node ``name``'s connections prove and check (the cluster key)."""
+        return PeerAuth(key or self.key, name, frozenset(self.names) - {name}, self.clock,
+                        DEFAULT_TIMINGS.call_timeout)
 
     def __getitem__(self, name: str) -> Member:
         return self.members[name]

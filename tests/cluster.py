@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
-from .procs import DqidProcess, Reply, free_port
+from .procs import DqidProcess, Reply, cluster_key_file, free_port
 
 
 class LocalCluster:
@@ -44,7 +44,8 @@ class LocalCluster:
             f"--peer={other}=127.0.0.1:{self._peer_port(node_id, other)}"
             for other in self.ids if other != node_id
         ]
-        return self.pool.node(node_id, *peers, *self.args,
+        key = f"--cluster-key-file={cluster_key_file(self.pool.workdir)}"
+        return self.pool.node(node_id, *peers, key, *self.args,
                               http_port=http_port or default_http,
                               amp_port=amp_port or default_amp)
 

@@ -121,6 +121,18 @@ def wait_for_200(
     raise AssertionError(f"{name} {path} not 200 in {timeout}s: {last}\n{log_tail()}")
 
 
+def cluster_key_file(directory: Path, name: str = "cluster.key") -> Path:
+    """A cluster key file (mode 0600, 32 random bytes as hex) in
+    ``directory``, made once and then reused."""
+    path = directory / name
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(os.urandom(32).hex() + "\n")
+    return path
+
+
 @dataclass
 class DqidProcess:
     """One ``twistd -n dqid`` process with its own ports and log file."""

@@ -21,7 +21,9 @@ from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol, negotiate
 from dqid.replicator import MAX_IN_FLIGHT
 from dqid.ids import parse_id
+from dqid.auth_commands import AuthChallenge, AuthProve
 from dqid.errors import NotReady, NotReplicated
+from dqid.handshake import DiallerHandshake
 from dqid.timings import DEFAULT_TIMINGS
 
 DEAD_AFTER = DEFAULT_TIMINGS.dead_after
@@ -99,12 +101,24 @@ def _answer(d, pump):
     return box[0]
 
 
-def _raw_hello(net: Net, listener: str, **overrides):
-    """Say Hello to ``listener`` from a bare AMP client: (answer, server, pump)."""
-    server = PeerProtocol(net[listener].cluster)
+def _bare_client(net: Net, listener: str, node: str = "a", key: bytes | None = None):
+    """A bare AMP client connected to ``listener`` that proved ``key`` (the
+    cluster's by default) as ``node``: (client, server, pump)."""
+    server = PeerProtocol(net[listener].cluster, net.auth(listener))
     client = amp.AMP()
     pump = iosim.connect(server, iosim.makeFakeServer(server), client,
                          iosim.makeFakeClient(client), greet=False, clock=net.clock)
+    handshake = DiallerHandshake(key or net.key, node, listener)
+    challenge = handshake.challenge()
+    answer = _answer(client.callRemote(AuthChallenge, node=node, nonce=challenge.nonce), pump)
+    proof = handshake.answered(answer["node"], answer["nonce"], answer["proof"])
+    _answer(client.callRemote(AuthProve, proof=proof), pump)
+    return client, server, pump
+
+
+def _raw_hello(net: Net, listener: str, **overrides):
+    """Say Hello to ``listener`` from a bare AMP client: (answer, server, pump)."""
+    client, server, pump = _bare_client(net, listener)
     arguments = dict(version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
                      node="a", epoch=0, cluster=sorted(net.names))
     arguments.update(overrides)
@@ -155,11 +169,18 @@ def test_dialler_logs_a_refused_version(make, monkeypatch):
     net = make("ab")
     a = net.build("a")
     b = net.build("b")
-    # A speaks only versions B does not: its Hello leaves under those.
-    monkeypatch.setattr(cmd, "PROTOCOL_MIN", cmd.PROTOCOL_MAX + 1)
-    monkeypatch.setattr(cmd, "PROTOCOL_MAX", cmd.PROTOCOL_MAX + 3)
+        # A speaks only versions B does not: its Hello leaves under those
+    # (once the connection is authenticated).
+    say_hello = a.cluster.say_hello
+
+    def say_newer_hello(link):
+        with monkeypatch.context() as versions:
+            versions.setattr(cmd, "PROTOCOL_MIN", cmd.PROTOCOL_MAX + 1)
+            versions.setattr(cmd, "PROTOCOL_MAX", cmd.PROTOCOL_MAX + 3)
+            say_hello(link)
+
+    monkeypatch.setattr(a.cluster, "say_hello", say_newer_hello)
     net.connect(a, b)
-    monkeypatch.undo()
     net.advance(0.5)
     assert any("refused a" in e and "protocol" in e for e in net.logged(LogLevel.error))
     assert any("hello to b failed" in w for w in net.logged(LogLevel.warn))

@@ -13,17 +13,23 @@ import pytest
 
 from dqid.options import Options
 
-from .procs import free_port, http
+from .procs import cluster_key_file, free_port, http
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 
 
-def test_systemd_unit_options_parse() -> None:
+def test_systemd_unit_options_parse(tmp_path: Path) -> None:
     unit = (ETC / "dqid.service").read_text()
     exec_start = unit.split("ExecStart=", 1)[1].split("\n#", 1)[0].replace("\\\n", " ")
     words = shlex.split(exec_start)
+    # The unit names where the key lives; this machine has none there.
+    key_option = "--cluster-key-file=/etc/dqid/cluster.key"
+    assert key_option in words
+    key = cluster_key_file(tmp_path)
+    words[words.index(key_option)] = f"--cluster-key-file={key}"
     options = Options()
     options.parseOptions(words[words.index("dqid") + 1:])
+    assert options["cluster-key"] == key.read_bytes().strip()
     assert options["node-id"] == "n1"
     assert [p.node_id for p in options["peers"]] == ["n2", "n3"]
     assert options["min-copies"] == 3

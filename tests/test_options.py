@@ -7,7 +7,10 @@ exit code 2 and one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 from twisted.python import usage
@@ -15,10 +18,21 @@ from twisted.python import usage
 from dqid.ids import is_valid_node_id
 from dqid.options import Options, PeerAddress, TwistdOptions
 
+from .procs import cluster_key_file
+
+
+_KEYS = Path(tempfile.mkdtemp(prefix="dqid-options-"))
+KEY_FILE = cluster_key_file(_KEYS)
+
 
 def parsed(*args: str) -> Options:
+    """Parse ``args``; a cluster given no key file gets a good one."""
+    args_list = list(args)
+    if any(a.startswith("--peer=") for a in args_list) and not any(
+            a.startswith("--cluster-key-file") for a in args_list):
+        args_list.append(f"--cluster-key-file={KEY_FILE}")
     options = Options()
-    options.parseOptions(list(args))
+    options.parseOptions(args_list)
     return options
 
 
@@ -174,3 +188,61 @@ def test_twistd_options_accept_good_options(capsys):
     options.parseOptions(["--node-id=n1", "--size=7"])
     assert options["size"] == 7
     assert capsys.readouterr().err == ""
+
+
+# -- security ---------------------------------------------------------------------
+
+
+def test_a_cluster_needs_a_key_file(capsys):
+    with pytest.raises(SystemExit) as caught:
+        TwistdOptions().parseOptions(["--node-id=n1", "--peer=n2=h:1"])
+    assert caught.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--cluster-key-file is required with --peer" in line
+
+
+def test_the_cluster_key_is_read_at_start():
+    options = parsed("--node-id=n1", "--peer=n2=h:1")
+    assert options["cluster-key"] == KEY_FILE.read_bytes().strip()
+    assert parsed("--node-id=n1")["cluster-key"] is None  # standalone: no AMP
+
+
+@pytest.mark.parametrize("content, mode, problem", [
+    (None, 0o600, "no such file"),
+    (b"", 0o600, "empty"),
+    (b"short key\n", 0o600, "shorter than 16"),
+    (b"a key long enough for a cluster\n", 0o640, "open to group or others"),
+    (b"a key long enough for a cluster\n", 0o604, "open to group or others"),
+])
+def test_a_bad_key_file_is_one_line_naming_it(tmp_path, content, mode, problem):
+    path = tmp_path / "key"
+    if content is not None:
+        path.write_bytes(content)
+        os.chmod(path, mode)
+    message = refused("--node-id=n1", "--peer=n2=h:1", f"--cluster-key-file={path}")
+    assert "--cluster-key-file" in message and problem in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_peer_tls_options_go_together(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    assert "go together" in refused("--node-id=n1", f"--peer-tls-cert={cert}")
+
+
+def test_peer_tls_files_that_are_not_pem_are_refused(tmp_path):
+    for name in ("cert", "key", "ca"):
+        (tmp_path / f"{name}.pem").write_text("not a pem file")
+    message = refused("--node-id=n1", *(f"--peer-tls-{n}={tmp_path / n}.pem"
+                                        for n in ("cert", "key", "ca")))
+    assert "--peer-tls-ca" in message and "PEM" in message
+
+
+def test_http_token_file_is_read_at_start(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# operators\nsecret-one\n\nsecret-two\n")
+    options = parsed(f"--http-token-file={tokens}")
+    assert len(options["http-tokens"]) == 2
+    assert options["http-tokens"].check(b"Bearer secret-two")
+    missing = refused(f"--http-token-file={tmp_path / 'none'}")
+    assert "--http-token-file" in missing
