@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -15,11 +16,13 @@ from twisted.python.failure import Failure
 
 from .amp_protocol import PeerAuth, PeerFactory
 from .cluster import Cluster
+from .http_auth import BearerGate
 from .httpbody import bounded_site
 from .node import QueueNode
 from .peers import peer_client
 from .timings import DEFAULT_TIMINGS, Timings
 from .options import TwistdOptions
+from .tokens import TokenFileError
 from .web import HttpApi, batch_body_limit
 
 Options = TwistdOptions
@@ -107,6 +110,8 @@ class NodeService(Service):
     def startService(self) -> None:
         super().startService()
         config = self.config
+        if config["http-tokens"] is not None:
+            signal.signal(signal.SIGHUP, self._hangup)
         self.log.info(
             "dqid node {node} (epoch {epoch}) size={size} http={http} "
             "amp={amp} peers={peers} min_copies={min_copies}",
@@ -115,6 +120,20 @@ class NodeService(Service):
             peers=",".join(str(p) for p in config["peers"]) or "none",
             min_copies=config["min-copies"],
         )
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload_tokens)
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: read --http-token-file again; on an error keep the old tokens."""
+        tokens = self.config["http-tokens"]
+        try:
+            count = tokens.reload()
+        except TokenFileError as error:
+            self.log.error("kept the HTTP tokens in use: {error}", error=str(error))
+            return
+        self.log.info("read {count} HTTP token(s) from {path}", count=count,
+                      path=str(tokens.path))
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -155,8 +174,11 @@ def makeService(config: Any, reactor: Any = None,
         idempotency_window=timings.idempotency_window,
     )
     api = HttpApi(node, config["max-message-bytes"])
+    resource: Any = api.resource()
+    if config["http-tokens"] is not None:
+        resource = BearerGate(resource, config["http-tokens"])
     site = bounded_site(
-        api.resource(),
+        resource,
         max_body=config["max-message-bytes"],
         max_batch_body=batch_body_limit(config["max-message-bytes"]),
     )

@@ -429,3 +429,32 @@ def test_haproxy_keeps_serving_work_when_writes_stop(pool, proxies) -> None:
         else:
             time.sleep(0.1)
     assert taken == survivors
+
+
+@pytest.mark.parametrize("kind", PROXIES)
+def test_bearer_tokens_pass_through_the_proxy(kind, pool, proxies, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# the workers' token\nworker-token-1\n")
+    cluster, proxy, addresses = start(kind, pool, proxies, f"--http-token-file={tokens}")
+    auth = {"Authorization": "Bearer worker-token-1"}
+
+    # Health checks need no token, so the proxy sees every node up.
+    refused = proxy.http("POST", "/push", b"no token")
+    assert refused.status == 401, refused
+    assert refused.json()["error"] == "unauthorized"
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert proxy.http("GET", "/stats", headers={"Authorization": "Bearer wrong"}).status == 401
+
+    ids = set()
+    for n in range(6):  # round-robin: every node sees the header
+        pushed = proxy.http("POST", "/push", b"job %d" % n, headers=auth)
+        assert pushed.status == 201, pushed
+        ids.add(pushed.json()["id"])
+    assert {owner(i) for i in ids} == set(cluster.ids)
+    taken = set()
+    for _ in range(6):
+        got = proxy.http("GET", "/get?visibility=30", headers=auth)
+        assert got.status == 200, got
+        taken.add(got.headers["dqid-id"])
+        assert proxy.http("POST", f"/ack/{got.headers['dqid-id']}", headers=auth).status == 204
+    assert taken == ids
