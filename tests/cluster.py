@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .procs import DqidProcess, Reply, cluster_key_file, free_port
 
@@ -12,10 +12,13 @@ class LocalCluster:
     """N ``twistd dqid`` nodes on loopback, each knowing the others as peers."""
 
     def __init__(self, pool, ids: Iterable[str] = ("a", "b", "c"), *args: str,
-                 fault_proxy: bool = False) -> None:
+                 fault_proxy: bool = False,
+                 node_args: Callable[[str], list[str]] | None = None) -> None:
         self.pool = pool
         self.ids = list(ids)
         self.args = list(args)
+        # Options of one node only (its certificate, its data directory).
+        self.node_args = node_args or (lambda node_id: [])
         self.ports = {i: (free_port(), free_port()) for i in self.ids}
         # With a fault proxy, node S reaches peer D's AMP port through its
         # own route (S, D), so the links of one node can be cut alone.
@@ -45,7 +48,7 @@ class LocalCluster:
             for other in self.ids if other != node_id
         ]
         key = f"--cluster-key-file={cluster_key_file(self.pool.workdir)}"
-        return self.pool.node(node_id, *peers, key, *self.args,
+        return self.pool.node(node_id, *peers, key, *self.args, *self.node_args(node_id),
                               http_port=http_port or default_http,
                               amp_port=amp_port or default_amp)
 
