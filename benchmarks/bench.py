@@ -89,6 +89,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="small default counts, for a run well under 40 s")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--twistd", help="twistd to run dqid with (default: next to python)")
+    parser.add_argument("--peer-tls", action="store_true",
+                        help="cluster nodes talk over mutual TLS (a throw-away CA)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the server logs (always kept when there are problems)")
     args = parser.parse_args(argv)
@@ -157,7 +159,9 @@ def main(argv: list[str]) -> int:
     import twisted
     meta = {"cpus": os.cpu_count(), "python": platform.python_version(),
             "twisted": twisted.__version__, "platform": platform.platform(terse=True)}
-    fleet = Fleet(Path(tempfile.mkdtemp(prefix="dqid-bench-")), args.twistd or TWISTD)
+    meta["peers"] = "mutual TLS" if args.peer_tls else "plain TCP"
+    fleet = Fleet(Path(tempfile.mkdtemp(prefix="dqid-bench-")), args.twistd or TWISTD,
+                  peer_tls=args.peer_tls)
     findings = Findings()
     wall0 = time.monotonic()
     ok = False

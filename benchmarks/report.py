@@ -200,6 +200,7 @@ def report(findings: Findings, args: argparse.Namespace, meta: dict) -> str:
         f"batch={args.batch_size} batch count={args.batch_count}",
         f"  {meta['cpus']} CPUs, Python {meta['python']}, Twisted {meta['twisted']}, "
         f"{meta['platform']}; wall {meta['wall_seconds']:.0f} s",
+        f"  cluster peers: {meta.get('peers', 'plain TCP')}",
         "",
     ]
     lines += table(findings.results) + [""] + legend(args) + latencies(findings.results)

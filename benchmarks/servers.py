@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.cluster import LocalCluster
 from tests.procs import TWISTD, DqidProcess
+from tests.tls_certs import Pki, make_pki
 
 TARGETS = ("bare", "standalone", "cluster")
 CLUSTER_IDS = ("a", "b", "c")
@@ -68,7 +69,19 @@ class Fleet:
 
     workdir: Path
     twistd: str = TWISTD
+    peer_tls: bool = False  # cluster links over mutual TLS
+    pki: Pki | None = None  # the certificates, made on first use
     processes: list[DqidProcess] = field(default_factory=list)
+
+    def node_args(self, node_id: str) -> list[str]:
+        """Options of one cluster node: its certificate, with --peer-tls."""
+        if not self.peer_tls:
+            return []
+        if self.pki is None:
+            self.pki = make_pki(self.workdir / "pki", CLUSTER_IDS, foreign=())
+        files = self.pki.nodes[node_id]
+        return [f"--peer-tls-cert={files.cert}", f"--peer-tls-key={files.key}",
+                f"--peer-tls-ca={files.ca}"]
 
     def track(self, process: DqidProcess) -> DqidProcess:
         self.processes.append(process)
@@ -90,7 +103,7 @@ class Fleet:
     def cluster(self, label: str, size: int) -> LocalCluster:
         """Three nodes that know each other, ``--min-copies=3``."""
         return LocalCluster(self.pool(label), CLUSTER_IDS, f"--size={size}",
-                            f"--min-copies={MIN_COPIES}")
+                            f"--min-copies={MIN_COPIES}", node_args=self.node_args)
 
     def target(self, target: str, size: int) -> list[DqidProcess]:
         """Fresh (not yet started) processes for a benchmark target."""
