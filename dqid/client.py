@@ -99,7 +99,8 @@ class DqidError(Exception):
     def __init__(self, status: int | None, code: str, message: str,
                  retry_after: float | None = None, document: Mapping[str, Any] | None = None
                  ) -> None:
-        super().__init__(f"{status} {code}: {message}")
+        super().__init__(f"{code}: {message}" if status is None else
+                         f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
@@ -478,18 +479,43 @@ class Client:
     async def _exchange(self, method: str, path: str, params: list[tuple[str, str]],
                         headers: dict[str, str], body: bytes | None, wait: float
                         ) -> _Answer:
+        """One request and its whole answer, within ``timeout + wait`` s.
+
+        The Agent reports a cancelled request as ResponseNeverReceived or
+        ResponseFailed around a CancelledError: a timeout becomes
+        TimeoutError (retried), a cancel by the caller CancelledError."""
         async def exchange() -> _Answer:
             response = await self._http.request(
                 method, self.url + path, params=params, headers=headers, data=body)
             content = await response.content()
             return _Answer(response.code, response.headers, content)
 
-        return await Deferred.fromCoroutine(exchange()).addTimeout(
-            self.timeout + wait, self._clock)
+        running = Deferred.fromCoroutine(exchange())
+        timed_out: list[bool] = []
+
+        def time_out() -> None:
+            timed_out.append(True)
+            running.cancel()
+
+        timer = self._clock.callLater(self.timeout + wait, time_out)
+        try:
+            return await running
+        except Exception as problem:
+            if timed_out:
+                raise defer.TimeoutError(self.timeout + wait, method + " " + path) from problem
+            if isinstance(problem, CancelledError) or any(
+                    reason.check(CancelledError) for reason in getattr(problem, "reasons", ())):
+                raise CancelledError() from problem
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
 
 def _number(value: float) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+    """Seconds for a query: ``20`` rather than ``20.0``, else every digit."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _lease_params(visibility: float | None, wait: float | None) -> list[tuple[str, str]]:
