@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
 
 from dqid.client import (
     BadRequest, Client, DqidError, Entry, IdempotencyConflict, LeaseLost, MessageTooLarge,
@@ -37,8 +36,8 @@ RECEIPTS = pytest.mark.xfail(
 
 class Recorder(Resource):
     """Passes every request to ``inner`` and keeps (method, path, query,
-    headers) of each; ``before`` may answer instead (return bytes or
-    NOT_DONE_YET) or return None to pass the request on."""
+    headers) of each; ``before`` may answer instead (return the body) or
+    return None to pass the request on."""
 
     isLeaf = True
 
