@@ -58,9 +58,9 @@ import base64
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from treq.client import HTTPClient
@@ -235,6 +235,24 @@ class _Answer:
         return json.loads(self.body)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One API call as the retry loop sends it (again)."""
+
+    method: str
+    path: str
+    expected: tuple[int, ...]  # statuses that are answers, not errors
+    params: tuple[tuple[str, str], ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    repeatable: bool = True  # safe to send again after a lost answer
+    wait: float = 0.0  # a long poll's wait, added to the timeout
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.path}"
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
     if value is None:
@@ -346,9 +364,9 @@ class Client:
         headers = {"Idempotency-Key": key or uuid.uuid4().hex}
         if content_type is not None:
             headers["Content-Type"] = content_type
-        params = [("delay", _number(delay))] if delay is not None else []
-        return self._call("POST", "/push", params, headers, body, (200, 201), True,
-                          lambda answer: answer.json()["id"])
+        params = (("delay", _number(delay)),) if delay is not None else ()
+        request = _Request("POST", "/push", (200, 201), params, headers, body)
+        return self._call(request, lambda answer: answer.json()["id"])
 
     def push_batch(self, bodies_or_entries: Iterable[bytes | str | Entry], *,
                    delay: float | None = None) -> Deferred[list[str]]:
@@ -357,8 +375,9 @@ class Client:
         connects are retried: after a lost answer the batch may be queued."""
         document = {"messages": [_entry_json(e, delay) for e in bodies_or_entries]}
         body = json.dumps(document).encode("utf-8")
-        return self._call("POST", "/push/batch", [], {"Content-Type": "application/json"},
-                          body, (201,), False, lambda answer: list(answer.json()["ids"]))
+        request = _Request("POST", "/push/batch", (201,), (),
+                           {"Content-Type": "application/json"}, body, repeatable=False)
+        return self._call(request, lambda answer: list(answer.json()["ids"]))
 
     def get(self, *, visibility: float | None = None, wait: float | None = None
             ) -> Deferred[Delivery | None]:
@@ -372,43 +391,43 @@ class Client:
                 answer.header("Content-Type") or "application/octet-stream",
             )
 
-        return self._call("GET", "/get", _lease_params(visibility, wait), {}, None,
-                          (200, 204), True, delivery, wait or 0.0)
+        request = _Request("GET", "/get", (200, 204), _lease_params(visibility, wait),
+                           wait=wait or 0.0)
+        return self._call(request, delivery)
 
     def get_many(self, count: int, *, visibility: float | None = None,
                  wait: float | None = None) -> Deferred[list[Delivery]]:
         """Lease up to ``count`` (1-100) messages; [] when none came."""
-        params = [("count", str(count)), *_lease_params(visibility, wait)]
+        params = (("count", str(count)), *_lease_params(visibility, wait))
 
         def deliveries(answer: _Answer) -> list[Delivery]:
             if answer.status == 204:
                 return []
             return [_delivery_of(m) for m in answer.json()["messages"]]
 
-        return self._call("GET", "/get", params, {}, None, (200, 204), True, deliveries,
-                          wait or 0.0)
+        return self._call(_Request("GET", "/get", (200, 204), params, wait=wait or 0.0),
+                          deliveries)
 
     def ack(self, delivery_or_id: Delivery | str) -> Deferred[bool]:
         """Remove a message: True, or False when it was not queued any more
         (404: acked already, e.g. by a try whose answer was lost)."""
         path = "/ack/" + quote(_id_of(delivery_or_id), safe="")
-        return self._call("POST", path, [], {}, None, (204, 404), True,
-                          lambda answer: answer.status == 204 or _raise(answer))
+        return self._call(_Request("POST", path, (204, 404)), _removed)
 
     def nack(self, delivery: Delivery, *, delay: float | None = None) -> Deferred[None]:
         """Make the message ready again (after ``delay`` s).  Raises
         LeaseLost when this delivery's lease is over."""
         params = _receipt_params(delivery)
         if delay is not None:
-            params.append(("delay", _number(delay)))
+            params += (("delay", _number(delay)),)
         path = "/nack/" + quote(delivery.id, safe="")
-        return self._call("POST", path, params, {}, None, (204,), True, lambda _: None)
+        return self._call(_Request("POST", path, (204,), params), _nothing)
 
     def touch(self, delivery: Delivery, visibility: float) -> Deferred[None]:
         """Extend this delivery's lease to ``visibility`` s from now."""
-        params = [("visibility", _number(visibility)), *_receipt_params(delivery)]
+        params = (("visibility", _number(visibility)), *_receipt_params(delivery))
         path = "/touch/" + quote(delivery.id, safe="")
-        return self._call("POST", path, params, {}, None, (204,), True, lambda _: None)
+        return self._call(_Request("POST", path, (204,), params), _nothing)
 
     def peek(self, message_id: str) -> Deferred[Peeked | None]:
         """A queued message without leasing it; None when it is not queued."""
@@ -425,68 +444,63 @@ class Client:
             )
 
         path = "/messages/" + quote(message_id, safe="")
-        return self._call("GET", path, [], {}, None, (200, 404), True, peeked)
+        return self._call(_Request("GET", path, (200, 404)), peeked)
 
     def stats(self) -> Deferred[dict[str, Any]]:
         """This node's ``/stats`` document."""
-        return self._call("GET", "/stats", [], {}, None, (200,), True,
-                          lambda answer: answer.json())
+        return self._call(_Request("GET", "/stats", (200,)), lambda answer: answer.json())
 
     # -- one call, with its retries -------------------------------------------
 
-    def _call(self, method: str, path: str, params: list[tuple[str, str]],
-              headers: dict[str, str], body: bytes | None, expected: tuple[int, ...],
-              repeatable: bool, decode: Any, wait: float = 0.0) -> Deferred:
+    def _call(self, request: _Request, decode: Callable[[_Answer], Any]) -> Deferred[Any]:
         if self._token is not None:
-            headers = {**headers, "Authorization": f"Bearer {self._token}"}
-        return Deferred.fromCoroutine(self._attempts(
-            method, path, params, headers, body, expected, repeatable, decode, wait))
+            request = replace(request, headers={
+                **request.headers, "Authorization": f"Bearer {self._token}"})
+        return Deferred.fromCoroutine(self._attempts(request, decode))
 
-    async def _attempts(self, method: str, path: str, params: list[tuple[str, str]],
-                        headers: dict[str, str], body: bytes | None,
-                        expected: tuple[int, ...], repeatable: bool, decode: Any,
-                        wait: float) -> Any:
+    async def _attempts(self, request: _Request, decode: Callable[[_Answer], Any]) -> Any:
         started = self._clock.seconds()
         attempt = 0
         while True:
             attempt += 1
             retry_after: float | None = None
             try:
-                answer = await self._exchange(method, path, params, headers, body, wait)
+                answer = await self._exchange(request)
             except CancelledError:
                 raise
             except NOT_SENT + UNANSWERED as problem:
                 failure: DqidError = Unreachable(None, "unreachable", repr(problem))
                 failure.__cause__ = problem
-                if not repeatable and not isinstance(problem, NOT_SENT):
+                if not request.repeatable and not isinstance(problem, NOT_SENT):
                     raise failure
             else:
-                if answer.status in expected:
+                if answer.status in request.expected:
                     return decode(answer)
                 failure = error_of(answer)
-                if answer.status not in REFUSED and not (repeatable and answer.status in GATEWAY):
+                if answer.status not in REFUSED and not (
+                        request.repeatable and answer.status in GATEWAY):
                     raise failure
                 retry_after = failure.retry_after
             pause = self.retry.delay(attempt, retry_after)
             spent = self._clock.seconds() - started
             if attempt >= self.retry.attempts or spent + pause > self.retry.total:
                 raise failure
-            log.info("dqid {method} {path}: {problem}; try {attempt} in {pause}s",
-                     method=method, path=path, problem=str(failure), attempt=attempt + 1,
-                     pause=pause)
+            log.info("dqid {request}: {problem}; try {attempt} in {pause}s",
+                     request=request.name, path=request.path, problem=str(failure),
+                     attempt=attempt + 1, pause=pause)
             await deferLater(self._clock, pause)
 
-    async def _exchange(self, method: str, path: str, params: list[tuple[str, str]],
-                        headers: dict[str, str], body: bytes | None, wait: float
-                        ) -> _Answer:
-        """One request and its whole answer, within ``timeout + wait`` s.
+    async def _exchange(self, request: _Request) -> _Answer:
+        """One request and its whole answer, within ``timeout`` s (plus a
+        long poll's wait).
 
         The Agent reports a cancelled request as ResponseNeverReceived or
         ResponseFailed around a CancelledError: a timeout becomes
         TimeoutError (retried), a cancel by the caller CancelledError."""
         async def exchange() -> _Answer:
             response = await self._http.request(
-                method, self.url + path, params=params, headers=headers, data=body)
+                request.method, self.url + request.path, params=list(request.params),
+                headers=dict(request.headers), data=request.body)
             content = await response.content()
             return _Answer(response.code, response.headers, content)
 
@@ -497,12 +511,13 @@ class Client:
             timed_out.append(True)
             running.cancel()
 
-        timer = self._clock.callLater(self.timeout + wait, time_out)
+        limit = self.timeout + request.wait
+        timer = self._clock.callLater(limit, time_out)
         try:
             return await running
         except Exception as problem:
             if timed_out:
-                raise defer.TimeoutError(self.timeout + wait, method + " " + path) from problem
+                raise defer.TimeoutError(limit, request.name) from problem
             if isinstance(problem, CancelledError) or any(
                     reason.check(CancelledError) for reason in getattr(problem, "reasons", ())):
                 raise CancelledError() from problem
@@ -518,21 +533,29 @@ def _number(value: float) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
-def _lease_params(visibility: float | None, wait: float | None) -> list[tuple[str, str]]:
-    params = []
+def _lease_params(visibility: float | None, wait: float | None) -> tuple[tuple[str, str], ...]:
+    params: tuple[tuple[str, str], ...] = ()
     if visibility is not None:
-        params.append(("visibility", _number(visibility)))
+        params += (("visibility", _number(visibility)),)
     if wait is not None:
-        params.append(("wait", _number(wait)))
+        params += (("wait", _number(wait)),)
     return params
 
 
-def _receipt_params(delivery: Delivery) -> list[tuple[str, str]]:
+def _receipt_params(delivery: Delivery) -> tuple[tuple[str, str], ...]:
     # A server from before receipts sends none and wants none.
-    return [("receipt", delivery.receipt)] if delivery.receipt is not None else []
+    return (("receipt", delivery.receipt),) if delivery.receipt is not None else ()
 
 
-def _raise(answer: _Answer) -> bool:
+def _nothing(answer: _Answer) -> None:
+    return None
+
+
+def _removed(answer: _Answer) -> bool:
+    """An ack's answer: 204 removed it; 404 ``unknown_message`` means it was
+    not queued (done already); any other 404 is an error."""
+    if answer.status == 204:
+        return True
     error = error_of(answer)
     if isinstance(error, UnknownMessage):
         return False
