@@ -96,7 +96,8 @@ class WorkerCounts:
 
 
 def _pick(sequence: Sequence[float], number: int) -> float:
-    return sequence[max(0, min(number, len(sequence)) - 1)]
+    """The ``number``-th value (from 1), the last one for any number past it."""
+    return sequence[min(max(number, 1), len(sequence)) - 1]
 
 
 class Worker:
@@ -110,8 +111,10 @@ class Worker:
                  error_backoff: Sequence[float] = ERROR_BACKOFF, wait: float = LONG_POLL,
                  reactor: Any = None, loop: asyncio.AbstractEventLoop | None = None
                  ) -> None:
-        if concurrency < 1 or visibility <= 0 or not backoff or not error_backoff:
-            raise ValueError("concurrency >= 1, visibility > 0, back-offs not empty")
+        if concurrency < 1 or visibility <= 0 or not backoff or not error_backoff or (
+                touch_every is not None and touch_every <= 0):
+            raise ValueError("concurrency >= 1, visibility > 0, touch_every > 0, "
+                             "back-offs not empty")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
             reactor = global_reactor

@@ -521,14 +521,14 @@ def test_a_failed_job_is_nacked_with_a_growing_delay(make):
     h = make(size=10)
     rig = Rig(h)
     successResultOf(rig.client.push(b"flaky"))
-    jobs = Jobs(outcomes={b"flaky": ["fail", "fail", "fail", "ok"]})
+    jobs = Jobs(outcomes={b"flaky": ["fail", "fail", "fail", "fail", "ok"]})
     worker = make_worker(rig, jobs, backoff=(1, 2, 5))
     worker.start()
-    rig.advance(20)
-    assert [d.deliveries for d in jobs.seen] == [1, 2, 3, 4]
+    rig.advance(30)
+    assert [d.deliveries for d in jobs.seen] == [1, 2, 3, 4, 5]
     delays = [q["delay"] for q in rig.recorder.queries("/nack")]
-    assert delays == [["1"], ["2"], ["5"]]
-    assert (worker.counts.failed, worker.counts.nacked, worker.counts.acked) == (3, 3, 1)
+    assert delays == [["1"], ["2"], ["5"], ["5"]]  # capped at the last
+    assert (worker.counts.failed, worker.counts.nacked, worker.counts.acked) == (4, 4, 1)
     assert rig.depth() == 0
     stop(rig, worker)
 
