@@ -554,6 +554,23 @@ def test_the_worker_touches_the_lease_while_the_job_runs(make):
     stop(rig, worker)
 
 
+def test_a_lost_lease_stops_the_touches_and_the_finished_job_is_still_acked(make):
+    h = make(size=10)
+    rig = Rig(h)
+    message_id = successResultOf(rig.client.push(b"slow"))
+    jobs = Jobs(outcomes={b"slow": ["hold"]})
+    worker = make_worker(rig, jobs, visibility=3, touch_every=5)  # touches too late
+    worker.start()
+    rig.advance(12)
+    assert len(rig.recorder.queries("/touch")) == 1  # refused: no second touch
+    assert worker.counts.lost_leases == 1
+    jobs.holding[b"slow"].callback(None)
+    rig.settle()
+    assert rig.recorder.paths("/ack/") == [f"/ack/{message_id}"]  # finished is finished
+    assert worker.counts.acked == 1 and rig.depth() == 0
+    stop(rig, worker)
+
+
 def test_stop_waits_for_running_jobs_and_takes_no_new_work(make):
     h = make(size=10)
     rig = Rig(h)
