@@ -100,6 +100,7 @@ class PeerProtocol(amp.AMP):
         self.authenticated = False  # the other side proved the cluster key
         self._handshake: DiallerHandshake | ListenerHandshake | None = None
         self._auth_timer: IDelayedCall | None = None
+        self._address: str | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -108,23 +109,45 @@ class PeerProtocol(amp.AMP):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        self.remote_address()
         self._auth_timer = self.auth.clock.callLater(self.auth.timeout, self._auth_timed_out)
         if self.dialled is not None:
             self._challenge()
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
-        self._cancel_auth_timer()
         if self.authenticated:
             self.handlers.link_down(self)
+        elif self._auth_timer is not None:  # not refused here: the other side left
+            self.log.warn("refused peer connection from {address}: it closed and "
+                          "did not prove the cluster key (a wrong key?)",
+                          address=self.remote_address())
+        self._cancel_auth_timer()
+
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred:
+        """Bad values that AMP finds while it parses a command's arguments
+        (a forged chunk count) answer BAD_INPUT, as the responders' do."""
+        d = super().dispatchCommand(box)
+        d.addErrback(self._parse_failed, box)
+        return d
+
+    def _parse_failed(self, failure: Failure, box: amp.AmpBox) -> Failure:
+        if failure.check(WireError):
+            command = box.get(amp.COMMAND, b"?").decode("ascii", "replace")
+            self._bad_input(failure.value, command)
+            return Failure(amp.RemoteAmpError(b"BAD_INPUT", str(failure.value)))
+        return failure
 
     # -- authentication ------------------------------------------------------
 
     def remote_address(self) -> str:
-        peer = getattr(self.transport, "getPeer", None)
-        address = peer() if peer is not None else None
-        host, port = getattr(address, "host", None), getattr(address, "port", None)
-        return f"{host}:{port}" if host is not None else str(address)
+        """HOST:PORT of the other side (kept from when it connected)."""
+        if self._address is None:
+            peer = getattr(self.transport, "getPeer", None)
+            address = peer() if peer is not None else None
+            host, port = getattr(address, "host", None), getattr(address, "port", None)
+            self._address = f"{host}:{port}" if host is not None else str(address)
+        return self._address
 
     def _refuse(self, why: str) -> None:
         """The other side did not authenticate: log, close, change nothing."""

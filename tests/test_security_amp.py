@@ -525,9 +525,6 @@ def test_node_with_the_wrong_key_never_joins_nor_disturbs_the_member(make):
         assert all("did not prove the cluster key" in line for line in logged), logged
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dqid bug: PeerProtocol.connectionLost logs nothing when a dialler leaves "
-    "before proving the key, so the member never logs a wrong-key node"))
 def test_listener_logs_a_dialler_with_the_wrong_key(make):
     """The dialler checks the listener's proof first, so a dialler with the
     wrong key gives up before it sends a proof: the listener must still log
@@ -952,10 +949,6 @@ def replicate_box(net: Net, **strings: bytes) -> dict[str, bytes]:
 VALID_RECORDS = encode_records([Record(format_id("a", 1, 99), b"body")])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dqid bug: Chunked.fromBox raises WireError while AMP parses the arguments, "
-    "before PeerProtocol's responder runs, so AMP answers UNKNOWN, logs a traceback "
-    "and closes the connection instead of answering BAD_INPUT"))
 @pytest.mark.parametrize("name, strings", [
     ("Replicate", {"records": b"2", "records.1": VALID_RECORDS}),  # a chunk missing
     ("Replicate", {"records": b"0"}),  # not a count
