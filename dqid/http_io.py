@@ -51,9 +51,9 @@ def bad_request(message: str, code: str = "bad_request") -> ApiError:
 _PHRASES = {429: b"Too Many Requests"}
 
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode
-# Constant answers, encoded once.
-_HEALTHY = _encode_json({"status": "ok"}).encode("ascii")
-_READY = _encode_json({"status": "ready"}).encode("ascii")
+# Constant answers of GET /health and GET /ready, encoded once.
+HEALTHY_BODY = _encode_json({"status": "ok"}).encode("ascii")
+READY_BODY = _encode_json({"status": "ready"}).encode("ascii")
 
 
 def json_body(request: IRequest, status: int, payload: Any) -> bytes:
