@@ -1,9 +1,11 @@
-"""A twisted.web Request that never buffers a body over the size limit.
+"""A twisted.web Site whose requests never buffer a body over the size limit.
 
-The announced Content-Length is checked as soon as the headers are in: a
-body announced too large is discarded as it arrives instead of being
-stored; a chunked body is stored up to the limit and then discarded.  The
-handler answers 413 in both cases.
+The limit depends on the request target (the batch endpoints take more),
+and is known before the body: ``BoundedChannel`` shows each request the
+request line it is made for.  The announced Content-Length is checked as
+soon as the headers are in: a body announced too large is discarded as it
+arrives instead of being stored; a chunked body is stored up to the limit
+and then discarded.  The handler answers 413 in both cases.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+
+BATCH_PATHS = (b"/push/batch", b"/ack")
 
 
 class _CappedBody(io.BytesIO):
@@ -33,21 +39,55 @@ class _CappedBody(io.BytesIO):
         return super().write(data)
 
 
+class BoundedChannel(HTTPChannel):
+    """An HTTPChannel that keeps the line it is reading in ``current_line``.
+
+    HTTPChannel makes a request (``requestFactory``) while it reads the
+    request line, so a request made by this channel finds that line here,
+    before the headers and body: the target it is for.  (HTTPChannel keeps
+    the target only in private attributes until the body is in.)
+    """
+
+    current_line = b""
+
+    def lineReceived(self, line: bytes) -> None:
+        self.current_line = line
+        HTTPChannel.lineReceived(self, line)
+
+
+def target_of(request_line: bytes) -> bytes:
+    """The path of ``METHOD TARGET VERSION``, without its query (b"" if none)."""
+    parts = request_line.split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+
+
 class BoundedRequest(Request):
+    """A request that keeps at most ``body_limit()`` bytes of its body.
+
+    The limit is ``max_batch_body`` for the batch endpoints and ``max_body``
+    for everything else, by the request line its channel was reading when
+    it made the request (``BoundedChannel.current_line``; another channel,
+    such as a test's, gives ``max_body``).
+    """
+
     max_body: int = 262144
     max_batch_body: int = 262144
     body_too_large: bool = False
 
-    def _limit(self) -> int:
-        # The request line is parsed before the headers; the channel holds
-        # its path until the body is in.
-        path = getattr(self.channel, "_path", b"") or b""
-        if path.split(b"?", 1)[0] in (b"/push/batch", b"/ack"):
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self.request_line: bytes = getattr(channel, "current_line", b"")
+
+    def body_limit(self) -> int:
+        if target_of(self.request_line) in BATCH_PATHS:
             return self.max_batch_body
         return self.max_body
 
     def gotLength(self, length: int | None) -> None:
-        limit = self._limit()
+        if length is not None and length <= self.max_body and length <= self.max_batch_body:
+            limit = length  # within every limit: no need to know which applies
+        else:
+            limit = self.body_limit()
         if length is None:  # chunked: the size is known only at the end
             self.content = _CappedBody(limit)
         elif length > limit:
@@ -60,7 +100,15 @@ class BoundedRequest(Request):
 
 
 class QuietSite(Site):
-    """A Site without the per-request access log (counters say enough)."""
+    """A Site of BoundedChannels, without the per-request access log
+    (counters say enough).
+
+    The channel is the protocol itself, not twisted.web's default wrapper
+    that could switch a TLS connection to HTTP/2 (h2 is no dependency of
+    dqid: the wrapper would always speak HTTP/1.1 anyway).
+    """
+
+    protocol = BoundedChannel
 
     def log(self, request: Request) -> None:
         pass
