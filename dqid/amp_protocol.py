@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -125,18 +125,24 @@ class PeerProtocol(amp.AMP):
         self._cancel_auth_timer()
 
     def dispatchCommand(self, box: amp.AmpBox) -> Deferred:
-        """Bad values that AMP finds while it parses a command's arguments
-        (a forged chunk count) answer BAD_INPUT, as the responders' do."""
-        d = super().dispatchCommand(box)
-        d.addErrback(self._parse_failed, box)
-        return d
-
-    def _parse_failed(self, failure: Failure, box: amp.AmpBox) -> Failure:
-        if failure.check(WireError):
-            command = box.get(amp.COMMAND, b"?").decode("ascii", "replace")
-            self._bad_input(failure.value, command)
-            return Failure(amp.RemoteAmpError(b"BAD_INPUT", str(failure.value)))
-        return failure
+        """As AMP does, except that arguments AMP cannot parse (a forged
+        chunk count, a word where a number goes, a missing argument) answer
+        BAD_INPUT with a log line and keep the link, like the responders'
+        own checks.  AMP parses while it calls the responder, before the
+        responder's code runs, so a parse error is the one raised at once;
+        an error of the responder's code comes back in its Deferred."""
+        name = box[amp.COMMAND]
+        responder = self.locateResponder(name)
+        if responder is None:
+            return fail(amp.RemoteAmpError(
+                amp.UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}", False,
+                local=Failure(amp.UnhandledCommand())))
+        try:
+            return responder(box)
+        except Exception as error:
+            command = name.decode("ascii", "replace")
+            self._bad_input(WireError(f"arguments not understood: {error!r}"[:200]), command)
+            return fail(amp.RemoteAmpError(b"BAD_INPUT", "arguments not understood"))
 
     # -- authentication ------------------------------------------------------
 

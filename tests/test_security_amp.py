@@ -630,7 +630,11 @@ def own_queue(member: Member) -> dict[str, int]:
 
 def bad_input(net: Net, result: Any, command: str, warnings_before: int) -> bool:
     """A BAD_INPUT answer, with a warning logged for it."""
-    if not (isinstance(result, Failure) and result.check(WireError)):
+    if not isinstance(result, Failure):
+        return False
+    raw_bad_input = (result.check(amp.RemoteAmpError)
+                     and result.value.errorCode == b"BAD_INPUT")
+    if not (result.check(WireError) or raw_bad_input):
         return False
     logged = net.logged(LogLevel.warn)[warnings_before:]
     assert any(f"bad {command} from peer a" in line for line in logged), logged
@@ -1001,19 +1005,16 @@ def amp_parse_failures_only(net: Net) -> None:
     (b"Take", {}),  # arguments missing
 ])
 def test_values_amp_cannot_parse_close_the_link_and_change_nothing(make, name, strings):
-    """AMP itself refuses these (its Integer, Float, Boolean, ListOf,
-    Unicode): today it answers UNKNOWN, logs a traceback and closes the
-    connection (BAD_INPUT on an open connection would be better, and passes
-    too).  Either way b's queue is as it was and every node serves on."""
+    """AMP itself cannot parse these (its Integer, Float, Boolean, ListOf,
+    Unicode): dqid answers BAD_INPUT with a log line and keeps the link.
+    Either way b's queue is as it was and every node serves on."""
     net = start_running(make(), owners="b")
     peer = authenticated(net, "b", "a")
     queue, logged = own_queue(net["b"]), warnings(net)
     result = peer.call_raw(name, **strings)
     assert isinstance(result, Failure), result
-    if bad_input(net, result, name.decode(), logged):
-        assert not peer.closed
-    else:  # AMP's answer to what it cannot parse: UNKNOWN, and it hangs up
-        assert peer.closed, result
+    assert bad_input(net, result, name.decode(), logged), result
+    assert not peer.closed
     assert own_queue(net["b"]) == queue
     amp_parse_failures_only(net)
     peer.close()
