@@ -1,11 +1,11 @@
 """A twisted.web Site whose requests never buffer a body over the size limit.
 
 The limit depends on the request target (the batch endpoints take more),
-and is known before the body: ``BoundedChannel`` shows each request the
-request line it is made for.  The announced Content-Length is checked as
-soon as the headers are in: a body announced too large is discarded as it
-arrives instead of being stored; a chunked body is stored up to the limit
-and then discarded.  The handler answers 413 in both cases.
+and is known before the body: ``BoundedChannel`` keeps the request line of
+the request whose head it is reading.  The announced Content-Length is
+checked as soon as the headers are in: a body announced too large is
+discarded as it arrives instead of being stored; a chunked body is stored
+up to the limit and then discarded.  The handler answers 413 in both cases.
 """
 
 from __future__ import annotations
@@ -40,18 +40,24 @@ class _CappedBody(io.BytesIO):
 
 
 class BoundedChannel(HTTPChannel):
-    """An HTTPChannel that keeps the line it is reading in ``current_line``.
+    """An HTTPChannel that keeps the request line of the request whose head
+    it is reading in ``request_line``, for the request to see before its
+    body arrives (HTTPChannel keeps the target only in private attributes
+    until the body is in).
 
-    HTTPChannel makes a request (``requestFactory``) while it reads the
-    request line, so a request made by this channel finds that line here,
-    before the headers and body: the target it is for.  (HTTPChannel keeps
-    the target only in private attributes until the body is in.)
+    A request's head is its request line, its header lines and a blank
+    line, each passed to ``lineReceived``; so the line after a blank one (or
+    the first) is a request line.  (A stray blank line between requests is
+    kept, then replaced by the request line after it.)
     """
 
-    current_line = b""
+    request_line = b""
+    head_done = True  # the last line read ended a head: a request line is next
 
     def lineReceived(self, line: bytes) -> None:
-        self.current_line = line
+        if self.head_done:
+            self.request_line = line
+        self.head_done = not line
         HTTPChannel.lineReceived(self, line)
 
 
@@ -65,21 +71,18 @@ class BoundedRequest(Request):
     """A request that keeps at most ``body_limit()`` bytes of its body.
 
     The limit is ``max_batch_body`` for the batch endpoints and ``max_body``
-    for everything else, by the request line its channel was reading when
-    it made the request (``BoundedChannel.current_line``; another channel,
-    such as a test's, gives ``max_body``).
+    for everything else, by the request line its channel is reading
+    (``BoundedChannel.request_line``; another channel, such as a test's,
+    gives ``max_body``).  It is looked up only for a body that could be
+    over ``max_body``: chunked, or announced longer.
     """
 
     max_body: int = 262144
     max_batch_body: int = 262144
     body_too_large: bool = False
 
-    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(channel, *args, **kwargs)
-        self.request_line: bytes = getattr(channel, "current_line", b"")
-
     def body_limit(self) -> int:
-        if target_of(self.request_line) in BATCH_PATHS:
+        if target_of(getattr(self.channel, "request_line", b"")) in BATCH_PATHS:
             return self.max_batch_body
         return self.max_body
 
