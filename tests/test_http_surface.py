@@ -5,7 +5,7 @@
   what it renders itself is framed with a Content-Length.
 * ``bounded_site``: each request, pipelined ones too, gets the body limit of
   its own target before its body arrives (``BoundedChannel`` relies on
-  HTTPChannel making a request while it reads the request line).
+  HTTPChannel passing every line of a request's head to ``lineReceived``).
 * ``tap.ListenService`` listens while it runs, and a port that cannot be
   bound ends start-up with one line.
 """
@@ -266,6 +266,13 @@ def test_each_pipelined_request_gets_the_limit_of_its_own_target(encode):
     assert [a.body.split()[1] for a in connection.answers()] == [
         b"kept", b"over", b"kept", b"kept", b"kept", b"over", b"over", b"over",
     ]
+
+
+def test_a_stray_blank_line_between_requests_does_not_hide_the_next_target():
+    connection = Connection(bounded_site(Stored(), max_body=8, max_batch_body=64))
+    connection.send(post(b"/push", b"x" * 8) + b"\r\n" + post(b"/push/batch", b"x" * 64)
+                    + post_chunked(b"/ack", b"x" * 64))
+    assert [a.body for a in connection.answers()] == [b"8 kept", b"64 kept", b"64 kept"]
 
 
 def test_a_body_announced_over_the_limit_is_not_stored():
