@@ -12,6 +12,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import BadRequest
 from werkzeug.routing import Rule
 
 
@@ -55,7 +56,7 @@ class LeanKleinResource(Resource):
     def render(self, request: IRequest) -> bytes | int:
         postpath = request.postpath
         if request.method == b"HEAD" or request.prepath or not postpath:
-            return self.klein_resource.render(request)
+            return self._klein_render(request)
         path = b"/".join(postpath)  # the path_info Klein would route on
         if not path.startswith(b"/"):
             path = b"/" + path
@@ -69,7 +70,7 @@ class LeanKleinResource(Resource):
                     path.decode("utf-8"), method.decode("ascii"), return_rule=True
                 )
             except Exception:  # not found, not allowed, redirect, not UTF-8
-                return self.klein_resource.render(request)
+                return self._klein_render(request)
             if not kwargs and not rule.arguments:  # a fixed path: remember it
                 self.static_routes[method, path] = rule
         try:
@@ -84,6 +85,17 @@ class LeanKleinResource(Resource):
         if not isinstance(result, Deferred):
             result = succeed(result)
         return self._answer_later(request, result)
+
+    def _klein_render(self, request: IRequest) -> bytes | int:
+        """Klein renders the rest, once the URL and Host are known to be
+        UTF-8 (Klein answers others 400 too, but logs a traceback for each:
+        any client could fill the log)."""
+        try:
+            b"/".join([*request.prepath, *request.postpath]).decode("utf-8")  # unquoted
+            (request.getHeader(b"host") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error_now(request, Failure(BadRequest("the URL or Host is not UTF-8")))
+        return self.klein_resource.render(request)
 
     def _error_now(self, request: IRequest, failure: Failure) -> bytes | int:
         try:

@@ -13,7 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import BadRequest, MethodNotAllowed, NotFound
 
 from .idempotency import IdempotencyConflict
 from .errors import NotReady, NotReplicated
@@ -62,6 +62,8 @@ def _translate(failure: Failure) -> ApiError:
             503, "not_ready", f"this node does not take writes now: {error.reason}",
             {"Retry-After": RETRY_AFTER_UNAVAILABLE},
         )
+    if isinstance(error, BadRequest):
+        return ApiError(400, "bad_request", error.description or "bad request")
     if isinstance(error, NotFound):
         return ApiError(404, "not_found", "no such resource")
     if isinstance(error, MethodNotAllowed):

@@ -164,7 +164,7 @@ def lean_site(routes: Routes) -> Site:
 METHODS = [b"GET", b"POST", b"HEAD", b"PUT"]
 PATHS = [
     b"/fixed", b"/fixed/", b"//fixed", b"/fixed?x=1", b"/item/x", b"/item/%C3%A9",
-    b"/item/%FF", b"/item/", b"/item/a/b", b"/text", b"/empty", b"/fails",
+    b"/item/", b"/item/a/b", b"/text", b"/empty", b"/fails",
     b"/fails/later", b"/nope", b"/",
 ]
 READ_HEADERS = (b"content-type", b"location", b"allow")
@@ -187,6 +187,18 @@ def test_every_answer_is_the_one_klein_gives():
             if seen[0] != seen[1]:
                 mismatches.append((method, path, *seen))
     assert mismatches == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("head", [
+    b"/item/%FF HTTP/1.1\r\nHost: dqid.test", b"/nope HTTP/1.1\r\nHost: \xff"])
+def test_a_url_or_host_that_is_not_utf8_goes_to_the_apps_error_handler(method, head):
+    """Klein answers these 400 too, but logs a traceback for each one."""
+    answer = one_exchange(lean_site(Routes()),
+                          method + b" " + head + b"\r\nContent-Length: 0\r\n\r\n")
+    assert answer.status == 400
+    if method != b"HEAD":
+        assert answer.body == b"error: BadRequest"
 
 
 @pytest.mark.parametrize(
