@@ -103,7 +103,12 @@ def intern_content_type(text: str) -> str:
 def content_type_header(text: str | None) -> bytes:
     raw = _type_bytes.get(text)
     if raw is None:
-        raw = text.encode("latin-1")  # type: ignore[union-attr]
+        try:
+            raw = text.encode("latin-1")  # type: ignore[union-attr]
+        except UnicodeEncodeError:  # only a peer could send one: not a header value
+            return b"application/octet-stream"
+        if not _is_header_value(text):  # type: ignore[arg-type]
+            return b"application/octet-stream"
         if len(_type_bytes) < _MAX_TYPES:
             _type_bytes[text] = raw
     return raw

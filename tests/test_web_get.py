@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from dqid.replica import Record
+
 from .web_harness import assert_error, bodies_in_order, h, make
 
 
@@ -32,6 +34,15 @@ def test_get_without_a_pushed_content_type_is_octet_stream(h):
     h.push(b"\x00\x01binary\xff")
     reply = h.take()
     assert reply.body == b"\x00\x01binary\xff"
+    assert reply.header("Content-Type") == "application/octet-stream"
+
+
+@pytest.mark.parametrize("content_type", ["caf\u20ac/x", "text/plain\r\nX-Evil: 1"])
+def test_a_content_type_no_header_can_carry_comes_back_as_octet_stream(h, content_type):
+    # Only a peer could hand one over (HTTP pushes are checked): never a 500.
+    h.node.restore([Record("n1.1.9", b"from a peer", content_type)])
+    reply = h.take()
+    assert reply.body == b"from a peer"
     assert reply.header("Content-Type") == "application/octet-stream"
 
 
