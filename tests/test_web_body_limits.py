@@ -21,7 +21,7 @@ from .web_harness import Wire, chunked
 def bounded_request(max_body: int, max_batch_body: int, path: bytes) -> BoundedRequest:
     site = bounded_site(None, max_body=max_body, max_batch_body=max_batch_body)
     channel = DummyChannel()
-    channel._path = path  # what HTTPChannel holds while the body comes in
+    channel.request_line = b"POST %s HTTP/1.1" % path  # what BoundedChannel keeps of the request
     return site.requestFactory(channel)
 
 
