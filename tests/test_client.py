@@ -276,20 +276,21 @@ def test_json_errors_become_typed_exceptions(make):
     conflict = failureResultOf(rig.client.push(b"b", key="k1"), IdempotencyConflict).value
     assert (conflict.status, conflict.document["id"]) == (409, first)
     failureResultOf(rig.client.nack(_delivery("n1.1.77")), UnknownMessage)
-    not_leased = failureResultOf(rig.client.touch(_delivery(first), 5), NotLeased).value
-    assert (not_leased.status, not_leased.code) == (409, "not_leased")
     successResultOf(rig.client.ack(first))
 
 
-def test_lease_lost_and_unauthorized_and_plain_text_errors(h):
+def test_lease_errors_unauthorized_and_plain_text_errors(h):
     answers = {
         "/nack/x": lambda r: refuse(r, 409, "lease_lost", None),
+        "/touch/y": lambda r: refuse(r, 409, "not_leased", None),
         "/stats": lambda r: refuse(r, 401, "unauthorized", None),
         "/touch/x": lambda r: (r.setResponseCode(500), b"<html>oops</html>")[1],
     }
     rig = Rig(h, before=lambda r: answers.get(r.path.decode(), lambda r: None)(r))
     lost = failureResultOf(rig.client.nack(_delivery("x")), LeaseLost).value
     assert (lost.status, lost.code) == (409, "lease_lost")
+    not_leased = failureResultOf(rig.client.touch(_delivery("y"), 5), NotLeased).value
+    assert (not_leased.status, not_leased.code) == (409, "not_leased")
     failureResultOf(rig.client.stats(), Unauthorized)
     other = failureResultOf(rig.client.touch(_delivery("x"), 5), DqidError).value
     assert (type(other), other.status, other.code) == (DqidError, 500, "http_500")
