@@ -164,12 +164,46 @@ class Ack(amp.Command):
 
 
 class Lease(amp.Command):
-    """Change the lease of one of the callee's own messages: ``visibility``
-    0 makes it ready now (nack), more extends the lease (touch).
-    ``outcome`` is "ok", "unknown" or "not_leased"."""
+    """Change the lease of one of the callee's own messages: ``action``
+    "nack" (ready again, after ``delay`` s), "touch" (the lease runs
+    ``visibility`` s from now) or "kick" (a held message ready again); nack
+    and touch act only on the lease ``receipt`` names.  ``outcome`` is "ok",
+    "unknown", "not_leased", "lease_lost" or "not_held"."""
 
-    arguments = [(b"id", amp.Unicode()), (b"visibility", amp.Float())]
+    arguments = [
+        (b"id", amp.Unicode()),
+        (b"action", amp.Unicode()),
+        (b"receipt", amp.Unicode(optional=True)),
+        (b"visibility", amp.Float(optional=True)),
+        (b"delay", amp.Float(optional=True)),
+    ]
     response = [(b"outcome", amp.Unicode())]
+    errors = dict(COMMON_ERRORS)
+
+
+class States(amp.Command):
+    """Deliveries, held states and due times of the caller's own messages
+    changed (``wire.encode_states``); batched per turn like Tombstones."""
+
+    arguments = [(b"states", Chunked())]
+    response: list = []
+    errors = dict(COMMON_ERRORS)
+
+
+class Peek(amp.Command):
+    """One of the callee's own messages and its state, changing nothing:
+    ``records`` holds it (empty when it is not queued)."""
+
+    arguments = [(b"id", amp.Unicode())]
+    response = [(b"records", Chunked()), (b"state", amp.Unicode())]
+    errors = dict(COMMON_ERRORS)
+
+
+class HeldList(amp.Command):
+    """Up to ``count`` of the callee's own held messages, oldest first."""
+
+    arguments = [(b"count", amp.Integer())]
+    response = [(b"records", Chunked())]
     errors = dict(COMMON_ERRORS)
 
 
@@ -184,10 +218,11 @@ class KeyLookup(amp.Command):
 
 
 class Take(amp.Command):
-    """Lease up to ``count`` of the callee's own ready messages."""
+    """Lease up to ``count`` of the callee's own ready messages; each
+    lease's receipt, in the order of ``records``."""
 
     arguments = [(b"count", amp.Integer()), (b"visibility", amp.Float())]
-    response = [(b"records", Chunked())]
+    response = [(b"records", Chunked()), (b"receipts", amp.ListOf(amp.Unicode()))]
     errors = dict(COMMON_ERRORS)
 
 

@@ -26,6 +26,7 @@ from . import amp_commands as cmd
 from .amp_commands import negotiate
 from .auth_commands import AuthChallenge, AuthProve
 from .handshake import DiallerHandshake, HandshakeFailed, ListenerHandshake
+from .node import LeaseChange
 from .wire import (
     MAX_EPOCH, WireError, checked_count, checked_epoch, checked_message_id,
     checked_node_id, checked_seconds,
@@ -36,6 +37,7 @@ __all__ = ["Handlers", "PeerAuth", "PeerFactory", "PeerProtocol", "negotiate"]
 # Largest values a peer may send: a lease (as the HTTP API allows), a take.
 MAX_VISIBILITY = 43200.0
 MAX_TAKE = 1000
+MAX_HELD = 1000
 MAX_IDS = 100_000
 
 _AUTH_COMMANDS = frozenset({AuthChallenge.commandName, AuthProve.commandName})
@@ -74,11 +76,17 @@ class Handlers(Protocol):
 
     def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]: ...
 
-    def on_lease(self, message_id: str, visibility: float) -> str: ...
+    def on_lease(self, message_id: str, change: LeaseChange) -> str: ...
+
+    def on_states(self, link: "PeerProtocol", states: bytes) -> None: ...
+
+    def on_peek(self, message_id: str) -> dict: ...
+
+    def on_held_list(self, count: int) -> bytes: ...
 
     def on_key_lookup(self, key: str, digest: bytes) -> Deferred: ...
 
-    def on_take(self, count: int, visibility: float) -> bytes: ...
+    def on_take(self, count: int, visibility: float) -> dict: ...
 
     def on_sync_start(self) -> dict: ...
 
@@ -309,14 +317,51 @@ class PeerProtocol(amp.AMP):
         return {"acked": acked, "unknown": unknown}
 
     @cmd.Lease.responder
-    def lease(self, id: str, visibility: float) -> dict:
+    def lease(self, id: str, action: str, receipt: str | None = None,
+              visibility: float | None = None, delay: float | None = None) -> dict:
         self._from_peer()
         try:
             checked_message_id(id)
-            checked_seconds(visibility, 0.0, MAX_VISIBILITY)
+            if action not in ("nack", "touch", "kick"):
+                raise WireError(f"not a lease action: {action[:20]!r}")
+            if (action == "kick") != (receipt is None):
+                raise WireError("nack and touch need a receipt, kick has none")
+            change = LeaseChange(
+                action, receipt,
+                visibility=checked_seconds(visibility, 0.001, MAX_VISIBILITY)
+                if action == "touch" else 0.0,
+                delay=checked_seconds(delay, 0.0, MAX_VISIBILITY) if delay is not None
+                else 0.0)
         except WireError as error:
             raise self._bad_input(error, "Lease") from None
-        return {"outcome": self.handlers.on_lease(id, visibility)}
+        return {"outcome": self.handlers.on_lease(id, change)}
+
+    @cmd.States.responder
+    def states(self, states: bytes) -> dict:
+        self._from_peer()
+        try:
+            self.handlers.on_states(self, states)
+        except WireError as error:
+            raise self._bad_input(error, "States") from None
+        return {}
+
+    @cmd.Peek.responder
+    def peek(self, id: str) -> dict:
+        self._from_peer()
+        try:
+            checked_message_id(id)
+        except WireError as error:
+            raise self._bad_input(error, "Peek") from None
+        return self.handlers.on_peek(id)
+
+    @cmd.HeldList.responder
+    def held_list(self, count: int) -> dict:
+        self._from_peer()
+        try:
+            checked_count(count, MAX_HELD)
+        except WireError as error:
+            raise self._bad_input(error, "HeldList") from None
+        return {"records": self.handlers.on_held_list(count)}
 
     @cmd.KeyLookup.responder
     def key_lookup(self, key: str, digest: bytes) -> Any:
@@ -331,7 +376,7 @@ class PeerProtocol(amp.AMP):
             checked_seconds(visibility, 0.001, MAX_VISIBILITY)
         except WireError as error:
             raise self._bad_input(error, "Take") from None
-        return {"records": self.handlers.on_take(count, visibility)}
+        return self.handlers.on_take(count, visibility)
 
     @cmd.SyncStart.responder
     def sync_start(self) -> dict:

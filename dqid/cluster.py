@@ -36,7 +36,7 @@ from . import amp_commands as cmd
 from .holdings import Holdings
 from .ids import MessageId
 from .links import Links
-from .node import QueueNode
+from .node import LeaseChange, QueueNode
 from .options import PeerAddress
 from .peers import Link, Peer
 from .queue import Message
@@ -62,7 +62,7 @@ class Cluster:
         self.holdings = Holdings(node, clock)
         self.replicator = Replicator(
             self.links, self.holdings, node.readiness, lambda: node.epoch, clock, timings,
-            min_copies, self._call_failed, self._work_arrived)
+            min_copies, self._call_failed, self._work_arrived, node.drain_changes)
         self.router = Router(node, self.links, self.holdings, self.replicator, clock,
                              timings, self._call_failed)
         self.transfer = StateTransfer(node, self.links, self.holdings, clock, timings,
@@ -71,7 +71,7 @@ class Cluster:
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._leave_timer: IDelayedCall | None = None
-        node.remote = self
+        node.attach(self)
         node.readiness.set(Phase.RECOVERING, self.transfer.recovery_reason())
         node.readiness.holders_check = self.replicator.holders_reason
 
@@ -119,11 +119,20 @@ class Cluster:
     async def ack(self, message_id: str, mid: MessageId) -> None:
         await self.router.ack(message_id, mid)
 
-    async def lease(self, message_id: str, mid: MessageId, visibility: float) -> None:
-        await self.router.lease(message_id, mid, visibility)
+    async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
+        await self.router.lease(message_id, mid, change)
 
     def tombstone(self, message_id: str) -> None:
         self.replicator.tombstone(message_id)
+
+    def states_changed(self) -> None:
+        self.replicator.states_changed()
+
+    async def peek(self, message_id: str, mid: MessageId) -> tuple[Record, str]:
+        return await self.router.peek(message_id, mid)
+
+    async def held(self, count: int) -> list[Record]:
+        return await self.router.held(count)
 
     def stats(self) -> dict[str, Any]:
         peers = self.links.stats()
@@ -314,13 +323,22 @@ class Cluster:
     def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
         return self.router.on_ack(ids)
 
-    def on_lease(self, message_id: str, visibility: float) -> str:
-        return self.router.on_lease(message_id, visibility)
+    def on_lease(self, message_id: str, change: LeaseChange) -> str:
+        return self.router.on_lease(message_id, change)
+
+    def on_states(self, link: Link, states: bytes) -> None:
+        self.replicator.on_states(link, states)
+
+    def on_peek(self, message_id: str) -> dict:
+        return self.router.on_peek(message_id)
+
+    def on_held_list(self, count: int) -> bytes:
+        return self.router.on_held_list(count)
 
     def on_key_lookup(self, key: str, digest: bytes) -> Deferred:
         return self.router.on_key_lookup(key, digest)
 
-    def on_take(self, count: int, visibility: float) -> bytes:
+    def on_take(self, count: int, visibility: float) -> dict:
         return self.router.on_take(count, visibility)
 
     def on_sync_start(self) -> dict:

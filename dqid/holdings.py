@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from .amp_commands import StaleEpoch
 from .idempotency import body_digest
+from .ids import MessageId
 from .queue import PENDING, Message
 from .readiness import Readiness
 from .replica import Record, ReplicaStore, matching_ids
@@ -90,28 +91,50 @@ class Holdings:
 
     # -- records -------------------------------------------------------------
 
-    def merge_records(self, records: Iterable[Record]) -> int:
-        """Union ``records`` in; how many peers' records were new."""
+    def merge_records(self, records: Iterable[Record], source: str | None = None) -> int:
+        """Union ``records`` in; how many peers' records were new.  Records
+        that ``source`` owns carry its word on their state (deliveries, held,
+        due), which replaces what is held here."""
         added = 0
         node = self.node
+        store = self.store
         for record in records:
             mid = record.mid
             if mid.node != self.me:
-                if self.store.add(record):
+                if store.add(record):
                     added += 1
                     if record.key is not None:
                         node.idempotency.remember(record.key, body_digest(record.body),
                                                   record.id)
+                elif mid.node == source:
+                    held = store.get(record.id)
+                    if held is not None:
+                        held.deliveries, held.held, held.due = (
+                            record.deliveries, record.held, record.due)
                 continue
-            if self.store.is_tombstoned(record.id):
+            if store.is_tombstoned(record.id):
                 continue
             if not node.readiness.serving:
-                if not node.readiness.fenced:  # recovering
-                    self.recovered.setdefault(record.id, record)
+                if not node.readiness.fenced:  # recovering: the most delivered copy
+                    known = self.recovered.get(record.id)
+                    if known is None or record.deliveries > known.deliveries:
+                        self.recovered[record.id] = record
             elif mid.epoch < node.epoch and record.id not in node.queue:
                 # Our own message from before a restart, reaching us late.
                 node.restore([record])
         return added
+
+    def merge_states(self, states: Iterable[tuple[MessageId, str, int, bool, float | None]],
+                     source: str) -> None:
+        """Deliveries, held states and due times that ``source``, the
+        owner, says its messages have now: its word wins for the copies
+        held here (messages not held, or tombstoned, are skipped)."""
+        for mid, message_id, deliveries, held, due in states:
+            if mid.node != source:
+                continue  # only an owner speaks for its messages
+            record = self.store.get(message_id)
+            if record is not None:
+                record.deliveries, record.held, record.due = deliveries, held, due
 
     def snapshot(self) -> list[Record | Message]:
         """Every record held, own accepted messages first (for a sync)."""

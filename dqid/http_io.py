@@ -18,6 +18,8 @@ from .queue import Message
 
 MAX_VISIBILITY = 43200.0
 MAX_WAIT = 20.0
+MAX_DELAY = 43200.0
+MAX_HELD_COUNT = 1000
 MAX_GET_COUNT = 100
 MAX_BATCH = 1000
 MAX_BATCH_BODY = 32 * 1024 * 1024  # bytes of JSON in one batch request
@@ -121,7 +123,7 @@ def _arg(request: IRequest, name: str) -> str | None:
     try:
         return values[-1].decode("ascii")
     except UnicodeDecodeError:
-        raise bad_request(f"{name} must be a number") from None
+        raise bad_request(f"{name} must be ASCII") from None
 
 
 def number_arg(
@@ -141,6 +143,14 @@ def number_arg(
         bracket = "(" if low_open else "["
         raise bad_request(f"{name} must be in {bracket}{low:g}, {high:g}], got {text}")
     return value
+
+
+def text_arg(request: IRequest, name: str) -> str:
+    """A query value that must be there (a receipt)."""
+    text = _arg(request, name)
+    if not text:
+        raise bad_request(f"{name} is required (the {name} of the delivery)")
+    return text
 
 
 def int_arg(request: IRequest, name: str, low: int, high: int) -> int | None:
@@ -190,7 +200,17 @@ def encode_message(message: Message) -> dict[str, Any]:
         entry["encoding"] = "base64"
     entry["content_type"] = message.content_type or "application/octet-stream"
     entry["deliveries"] = message.deliveries
+    receipt = message.receipt
+    if receipt is not None:
+        entry["receipt"] = receipt
     return entry
+
+
+def encode_held(message: Message) -> dict[str, Any]:
+    """A held message as listed by GET /held (no body: peek for it)."""
+    return {"id": message.id, "deliveries": message.deliveries,
+            "content_type": message.content_type or "application/octet-stream",
+            "bytes": len(message.body)}
 
 
 def decode_batch(raw: bytes, limit: int) -> list[PushItem]:
@@ -249,4 +269,10 @@ def _decode_entry(index: int, entry: Any, limit: int) -> PushItem:
         raise too_large(limit, index)
     if content_type is not None:
         content_type = intern_content_type(content_type)
-    return PushItem(body, content_type)
+    delay = entry.get("delay")
+    if delay is not None:
+        if (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                or not 0 <= delay <= MAX_DELAY):
+            raise bad(f'"delay" must be seconds in [0, {MAX_DELAY:g}]')
+        delay = float(delay) or None
+    return PushItem(body, content_type, delay)

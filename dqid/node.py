@@ -28,11 +28,12 @@ from twisted.python.failure import Failure
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
 from .ids import MessageId, parse_id, to_base36
-from .queue import PENDING, Message, UnknownMessage, WorkQueue
+from .queue import DELAYED, PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
 from .replica import Record
 
-__all__ = ["NotReady", "NotReplicated", "PushItem", "PushResult", "QueueNode", "Remote"]
+__all__ = ["LeaseChange", "NotReady", "NotReplicated", "PushItem", "PushResult", "QueueNode",
+           "Remote"]
 
 
 class Remote(Protocol):
@@ -51,11 +52,21 @@ class Remote(Protocol):
     async def ack(self, message_id: str, mid: MessageId) -> None:
         """Ack a message this node's queue does not hold."""
 
-    async def lease(self, message_id: str, mid: MessageId, visibility: float) -> None:
-        """Nack (``visibility`` 0) or touch a message owned by a peer."""
+    async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
+        """Nack, touch or kick a message owned by a peer."""
 
     def tombstone(self, message_id: str) -> None:
         """This node's message was acked: tell every holder."""
+
+    def states_changed(self) -> None:
+        """Deliveries, held states or due times changed in this node's
+        queue (``drain_changes``): tell every holder."""
+
+    async def peek(self, message_id: str, mid: MessageId) -> tuple[Record, str]:
+        """A message owned by a peer, and its state, changing nothing."""
+
+    async def held(self, count: int) -> list[Record]:
+        """Held messages of the other owners (asked, or from replicas)."""
 
     def stats(self) -> dict[str, Any]:
         """``min_copies`` and ``peers`` for /stats."""
@@ -67,11 +78,22 @@ class Remote(Protocol):
 class PushItem(NamedTuple):
     body: bytes
     content_type: str | None = None
+    delay: float | None = None  # not delivered before this many seconds
 
 
 class PushResult(NamedTuple):
     ids: list[str]
     created: bool  # False: an Idempotency-Key retry answered with the first id
+
+
+@dataclass(frozen=True)
+class LeaseChange:
+    """What a nack, touch or kick asks of a message's owner."""
+
+    action: str  # "nack", "touch" or "kick"
+    receipt: str | None = None  # the lease it acts on (nack, touch)
+    visibility: float = 0.0  # touch: the new lease, from now
+    delay: float = 0.0  # nack: ready again only after this
 
 
 @dataclass(eq=False)
@@ -97,22 +119,29 @@ class QueueNode:
         visibility: float = 30.0,
         idempotency_window: float = 300.0,
         readiness: Readiness | None = None,
+        max_deliveries: int = 0,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
         self.epoch = epoch
         self.default_visibility = visibility
-        self.queue = WorkQueue(size)
+        self.queue = WorkQueue(size, max_deliveries=max_deliveries)
         self.idempotency = IdempotencyIndex(idempotency_window)
         self.readiness = readiness if readiness is not None else Readiness()
         self.remote: Remote | None = None  # None: a standalone node
         self._seq = 0
         self._id_prefix = ("", -1)  # (f"{node_id}.{epoch in base 36}.", epoch)
         self._long_polls: deque[LongPoll] = deque()
-        self._lease_timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
         self._outcomes: dict[str, list[Deferred]] = {}
 
     # -- epochs, ids, recovered messages ------------------------------------
+
+    def attach(self, remote: Remote) -> None:
+        """Join a cluster: pushes replicate through ``remote``, and changes
+        of deliveries, held states and due times are kept for it."""
+        self.remote = remote
+        self.queue.changes = []
 
     def fence(self) -> None:
         """A newer incarnation of this node id serves: answer parked polls."""
@@ -127,9 +156,11 @@ class QueueNode:
         """Queue recovered messages again: ready, leases void."""
         for record in records:
             self.queue.restore(record.id, record.body, record.content_type,
-                               record.key, record.deliveries)
+                               record.key, record.deliveries, held=record.held,
+                               due=record.due)
             if record.key is not None:
                 self.idempotency.remember(record.key, body_digest(record.body), record.id)
+        self._schedule_wakeup()
         self._feed_long_polls()
 
     def new_id(self) -> str:
@@ -160,12 +191,15 @@ class QueueNode:
         self._refuse_writes()
         if idempotency_key is not None:
             return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
+        due = self._due(item.delay)
         if self.remote is None:  # nothing to wait for
-            message = self.queue.push(self.new_id(), item.body, item.content_type)
-            if self._long_polls:
+            message = self.queue.push(self.new_id(), item.body, item.content_type, due=due)
+            if due is not None:
+                self._schedule_wakeup(due)
+            elif self._long_polls:
                 self._feed_long_polls()
             return PushResult([message.id], True)
-        message = self.queue.reserve(self.new_id(), item.body, item.content_type)
+        message = self.queue.reserve(self.new_id(), item.body, item.content_type, due=due)
         result = PushResult([message.id], True)
         waiting = self._accept([message])
         if waiting is None:
@@ -181,7 +215,7 @@ class QueueNode:
         if first is not None:
             return PushResult([first], created=False)
         message = self.queue.reserve(self.new_id(), item.body, item.content_type,
-                                     idempotency_key)
+                                     idempotency_key, due=self._due(item.delay))
         self.idempotency.remember(idempotency_key, digest, message.id)
         waiting = self._accept([message])
         if waiting is not None:
@@ -215,7 +249,8 @@ class QueueNode:
     def push_many(self, items: Sequence[PushItem]) -> PushResult | Deferred:
         """Queue all of ``items`` or none of them."""
         self._refuse_writes()
-        entries = [(self.new_id(), i.body, i.content_type, None) for i in items]
+        entries = [(self.new_id(), i.body, i.content_type, None, self._due(i.delay))
+                   for i in items]
         messages = self.queue.reserve_many(entries)
         result = PushResult([m.id for m in messages], created=True)
         waiting = self._accept(messages)
@@ -256,10 +291,18 @@ class QueueNode:
             raise reason
         raise NotReplicated(str(reason)) from reason
 
+    def _due(self, delay: float | None) -> float | None:
+        """The wall-clock time a push with ``delay`` is due, or None."""
+        return self.clock.seconds() + delay if delay else None
+
     def _commit(self, messages: list[Message]) -> None:
         commit = self.queue.commit
+        delayed = False
         for message in messages:
-            commit(message.id)
+            if commit(message.id).state == DELAYED:
+                delayed = True
+        if delayed:
+            self._schedule_wakeup()
         if self._long_polls:
             self._feed_long_polls()
 
@@ -356,7 +399,9 @@ class QueueNode:
                 break
             taken.append(message)
         if taken:
-            self._schedule_expiry(now + visibility)
+            self._schedule_wakeup(now + visibility)
+            if queue.changes:
+                self._changed()
         return taken
 
     def _wait_over(self, poll: LongPoll) -> None:
@@ -424,23 +469,28 @@ class QueueNode:
             self.idempotency.released(message.key, self.clock.seconds())
         return message
 
-    # -- nack and touch ------------------------------------------------------
+    # -- nack, touch, kick, peek ---------------------------------------------
 
-    def nack(self, message_id: str) -> Deferred | None:
-        """Make a leased message ready again now."""
-        return self._lease(message_id, 0.0)
+    def nack(self, message_id: str, receipt: str, delay: float = 0.0) -> Deferred | None:
+        """End the lease ``receipt`` names: the message is ready again now,
+        or after ``delay`` seconds (held after --max-deliveries)."""
+        return self._lease(LeaseChange("nack", receipt, delay=delay), message_id)
 
-    def touch(self, message_id: str, visibility: float) -> Deferred | None:
-        """Extend a lease to ``visibility`` seconds from now."""
-        return self._lease(message_id, visibility)
+    def touch(self, message_id: str, visibility: float, receipt: str) -> Deferred | None:
+        """Extend the lease ``receipt`` names to ``visibility`` s from now."""
+        return self._lease(LeaseChange("touch", receipt, visibility=visibility), message_id)
 
-    def _lease(self, message_id: str, visibility: float) -> Deferred | None:
+    def kick(self, message_id: str) -> Deferred | None:
+        """Make a held message ready again."""
+        return self._lease(LeaseChange("kick"), message_id)
+
+    def _lease(self, change: "LeaseChange", message_id: str) -> Deferred | None:
         if message_id in self.queue and not self.readiness.fenced:  # our ids only
-            self.change_own_lease(message_id, visibility)
+            self.change_own_lease(message_id, change)
             return None
-        return Deferred.fromCoroutine(self._lease_elsewhere(message_id, visibility))
+        return Deferred.fromCoroutine(self._lease_elsewhere(message_id, change))
 
-    async def _lease_elsewhere(self, message_id: str, visibility: float) -> None:
+    async def _lease_elsewhere(self, message_id: str, change: "LeaseChange") -> None:
         try:
             mid = parse_id(message_id)
         except ValueError:
@@ -448,19 +498,27 @@ class QueueNode:
         if mid.node == self.node_id or self.remote is None:
             if self.readiness.fenced:
                 raise NotReady(self.readiness.refusal() or "fenced")
-            self.change_own_lease(message_id, visibility)
+            self.change_own_lease(message_id, change)
         else:
-            await self.remote.lease(message_id, mid, visibility)
+            await self.remote.lease(message_id, mid, change)
 
-    def change_own_lease(self, message_id: str, visibility: float) -> Message:
-        """Nack (``visibility`` 0) or touch a message of this node's queue."""
-        if visibility <= 0:
-            message = self.queue.nack(message_id)
-            self._feed_long_polls()
+    def change_own_lease(self, message_id: str, change: "LeaseChange") -> Message:
+        """Nack, touch or kick a message of this node's queue (UnknownMessage,
+        LeaseLost, NotHeld when it cannot)."""
+        queue = self.queue
+        now = self.clock.seconds()
+        if change.action == "touch":
+            message = queue.touch(message_id, now, change.visibility, change.receipt)
+            self._schedule_wakeup(now + change.visibility)
+            return message
+        if change.action == "nack":
+            message = queue.nack(message_id, change.receipt, now=now, delay=change.delay)
+            if change.delay:
+                self._schedule_wakeup(now + change.delay)
         else:
-            now = self.clock.seconds()
-            message = self.queue.touch(message_id, now, visibility)
-            self._schedule_expiry(now + visibility)
+            message = queue.kick(message_id)
+        self._changed()
+        self._feed_long_polls()
         return message
 
     def lookup(self, message_id: str) -> Message:
@@ -469,33 +527,76 @@ class QueueNode:
             raise UnknownMessage(message_id)
         return message
 
-    # -- the lease timer -----------------------------------------------------
+    def peek(self, message_id: str) -> tuple[Any, str] | Deferred:
+        """A message of any owner and its state name, changing nothing."""
+        message = self.queue.get(message_id)
+        if message is not None:
+            return self.queue.peek(message_id)
+        return Deferred.fromCoroutine(self._peek_elsewhere(message_id))
 
-    def _schedule_expiry(self, added: float | None = None) -> None:
-        """Set the one lease timer for the earliest live lease.  ``added``:
-        the deadline of a lease just given, when that is all that changed."""
-        timer = self._lease_timer
+    async def _peek_elsewhere(self, message_id: str) -> tuple[Any, str]:
+        try:
+            mid = parse_id(message_id)
+        except ValueError:
+            raise UnknownMessage(message_id) from None
+        if mid.node == self.node_id or self.remote is None:
+            raise UnknownMessage(message_id)
+        return await self.remote.peek(message_id, mid)
+
+    def held_own(self, count: int) -> list[Message]:
+        return self.queue.held_messages(count)
+
+    def held(self, count: int) -> list[Any] | Deferred:
+        """Up to ``count`` held messages: this node's, then other owners'."""
+        own = self.queue.held_messages(count)
+        if self.remote is None or len(own) >= count:
+            return own
+        d = Deferred.fromCoroutine(self.remote.held(count - len(own)))
+        return d.addCallback(lambda others: [*own, *others])
+
+    def _changed(self) -> None:
+        """Tell the holders what changed in the queue (deliveries, held, due)."""
+        if self.queue.changes and self.remote is not None:
+            self.remote.states_changed()
+
+    def drain_changes(self) -> list[Message]:
+        """The messages whose replicated state changed since the last call,
+        still queued (each once)."""
+        changes = self.queue.changes
+        if not changes:
+            return []
+        self.queue.changes = []
+        queued = self.queue.get
+        return [m for m in dict.fromkeys(changes) if queued(m.id) is m]
+
+    # -- the one timer: leases that run out, delays that end ----------------
+
+    def _schedule_wakeup(self, added: float | None = None) -> None:
+        """Set the one timer for the earliest lease deadline or due time.
+        ``added``: such a time just given, when that is all that changed."""
+        timer = self._timer
         if (added is not None and timer is not None and timer.getTime() <= added
                 and timer.active()):
-            return  # due no later than the new lease: nothing to move
-        deadline = self.queue.next_deadline()
-        if deadline is None:
+            return  # due no later than the new time: nothing to move
+        wakeup = self.queue.next_wakeup()
+        if wakeup is None:
             if timer is not None and timer.active():
                 timer.cancel()
-            self._lease_timer = None
+            self._timer = None
             return
         if timer is not None and timer.active():
-            if timer.getTime() <= deadline:
+            if timer.getTime() <= wakeup:
                 return
             timer.cancel()
-        delay = max(0.0, deadline - self.clock.seconds())
-        self._lease_timer = self.clock.callLater(delay, self._expire_leases)
+        delay = max(0.0, wakeup - self.clock.seconds())
+        self._timer = self.clock.callLater(delay, self._wake_up)
 
-    def _expire_leases(self) -> None:
-        self._lease_timer = None
-        if self.queue.expire(self.clock.seconds()):
+    def _wake_up(self) -> None:
+        self._timer = None
+        if self.queue.advance(self.clock.seconds()):
+            self._changed()
             self._feed_long_polls()
-        self._schedule_expiry()
+        self._schedule_wakeup()
 
     # -- lifecycle and stats -------------------------------------------------
 
@@ -505,9 +606,9 @@ class QueueNode:
         self._answer_all_long_polls()
         if self.remote is not None:
             self.remote.stop()
-        if self._lease_timer is not None and self._lease_timer.active():
-            self._lease_timer.cancel()
-        self._lease_timer = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _answer_all_long_polls(self) -> None:
         while self._long_polls:
@@ -531,6 +632,9 @@ class QueueNode:
             "depth": queue.depth,
             "ready": queue.ready,
             "leased": queue.leased,
+            "delayed": queue.delayed,
+            "held": queue.held,
+            "max_deliveries": queue.max_deliveries,
             "pending": queue.pending,
             "min_copies": remote["min_copies"],
             "waiting_gets": len(self._long_polls),

@@ -48,6 +48,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _lease_seconds(text: str) -> float:
     value = float(text)
     if math.isnan(value) or not 0 < value <= 43200:
@@ -98,6 +105,10 @@ class Options(usage.Options):
          _coercer("--visibility", "seconds, 0 < S <= 43200", _lease_seconds)],
         ["max-message-bytes", None, 262144, "Largest message body, in bytes",
          _coercer("--max-message-bytes", "a whole number >= 1", _positive_int)],
+        ["max-deliveries", None, 0,
+         "Hold a message (never drop it) once it was delivered N times and its lease "
+         "ends without an ack; 0: no limit",
+         _coercer("--max-deliveries", "a whole number >= 0", _count)],
         ["cluster-key-file", None, None,
          "File holding the key peers prove to each other (mode 0600, >= 16 bytes); "
          "required with --peer"],

@@ -110,8 +110,16 @@ class Message:
 
     @property
     def due(self) -> float | None:
-        """When a delayed message joins the line, or None when not delayed."""
-        return self.deadline if self.state == DELAYED else None
+        """When a delayed message joins the line (or, while pending, will:
+        a push with a delay), or None."""
+        state = self.state
+        if state == DELAYED or (state == PENDING and self.deadline):
+            return self.deadline
+        return None
+
+    @property
+    def held(self) -> bool:
+        return self.state == HELD
 
     @property
     def state_name(self) -> str:
@@ -200,7 +208,7 @@ class WorkQueue:
     __slots__ = ("size", "counters", "max_deliveries", "_messages", "_ready", "_ready_heap",
                  "_ready_count", "_ready_stale", "_leases", "_lease_heap", "_leased",
                  "_pending", "_next_order", "_receipt_prefix", "_leases_given", "_held",
-                 "_due_line", "_due_heap", "_delayed", "_pending_due")
+                 "_due_line", "_due_heap", "_delayed", "_pending_due", "changes")
 
     def __init__(
         self,
@@ -235,6 +243,9 @@ class WorkQueue:
         self._due_heap: list[tuple[float, Message]] = []
         self._delayed = 0
         self._pending_due: dict[str, float] = {}  # reserved with a due time
+        # When a list: every message whose deliveries, held state or due
+        # time changed is appended (for replicas to learn); None: not kept.
+        self.changes: list[Message] | None = None
 
     def __repr__(self) -> str:
         return (f"WorkQueue(size={self.size}, depth={self.depth}, ready={self.ready}, "
@@ -326,6 +337,7 @@ class WorkQueue:
         self._pending += 1
         if due is not None:
             self._pending_due[message_id] = due
+            message.deadline = due  # what a replica of the pending push holds
         return message
 
     def reserve_many(
@@ -457,6 +469,8 @@ class WorkQueue:
             self._ready_stale = 0
         message.state = LEASED
         deliveries = message.deliveries = message.deliveries + 1
+        if self.changes is not None:
+            self.changes.append(message)
         self._leases_given += 1
         lease = Lease(now + visibility)
         lease.receipt = self._receipt_prefix + format(self._leases_given, "x")
@@ -522,6 +536,8 @@ class WorkQueue:
         self._leased -= 1
         self.counters.nacked += 1
         self._lease_ended(message, now + delay if delay and now is not None else None)
+        if delay and self.changes is not None:
+            self.changes.append(message)
         self._lease_gone()
         return message
 
@@ -555,6 +571,8 @@ class WorkQueue:
             raise NotHeld(message_id)
         del self._held[message_id]
         self._make_ready(message)
+        if self.changes is not None:
+            self.changes.append(message)
         return message
 
     def release_all_leases(self) -> int:
@@ -646,6 +664,8 @@ class WorkQueue:
         message.state = HELD
         message.deadline = 0.0
         self._held[message.id] = message
+        if self.changes is not None:
+            self.changes.append(message)
 
     # -- the ready line --------------------------------------------------------
 

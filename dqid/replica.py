@@ -40,6 +40,8 @@ class MessageLike(Protocol):
     content_type: str | None
     key: str | None
     deliveries: int
+    held: bool  # set aside after --max-deliveries, until kicked
+    due: float | None  # delayed until then (wall clock), or None
 
 
 @dataclass(slots=True, eq=False)
@@ -52,6 +54,9 @@ class Record:
     key: str | None = None
     deliveries: int = 0
     parsed: MessageId | None = None  # parse_id(id), when the decoder did it
+    held: bool = False
+    due: float | None = None
+    receipt: str | None = None  # a lease taken from a peer (Take): its receipt
 
     @property
     def mid(self) -> MessageId:

@@ -29,7 +29,10 @@ from .queue import Message
 from .readiness import Readiness
 from .timings import Timings
 from .tombstones import Tombstones
-from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
+from .wire import (
+    decode_records, decode_states, decode_tombstones, encode_records, encode_states,
+    encode_tombstones,
+)
 
 # Replicate calls to one peer that may be unanswered at once.
 MAX_IN_FLIGHT = 4
@@ -63,7 +66,8 @@ class Replicator:
     def __init__(self, links: Links, holdings: Holdings, readiness: Readiness,
                  epoch: Callable[[], int], clock: IReactorTime, timings: Timings,
                  min_copies: int, failed_call: Callable[[Failure, str, Peer], None],
-                 work_arrived: Callable[[], None]) -> None:
+                 work_arrived: Callable[[], None],
+                 changes: Callable[[], list[Message]]) -> None:
         self.links = links
         self.holdings = holdings
         self.readiness = readiness
@@ -76,6 +80,8 @@ class Replicator:
         self._batch: Batch | None = None
         self._lanes: dict[str, Lane] = {name: Lane() for name in links.peers}
         self._outgoing: Tombstones | None = None
+        self.changes = changes  # the node's messages whose state changed
+        self._states_due = False
 
     def in_flight(self, peer: str) -> int:
         """Replicate calls to ``peer`` not answered yet."""
@@ -231,6 +237,24 @@ class Replicator:
             self.clock.callLater(0, self.flush_tombstones)
         self._outgoing.add(mid.node, mid.epoch, mid.seq)
 
+    def states_changed(self) -> None:
+        """The node's messages changed state: send it at the end of the turn."""
+        if not self._states_due:
+            self._states_due = True
+            self.clock.callLater(0, self.flush_states)
+
+    def flush_states(self) -> None:
+        self._states_due = False
+        changed = self.changes()
+        if not changed:
+            return
+        payload = encode_states(changed)
+        for peer in self.links.linked():
+            link = peer.link()
+            assert link is not None
+            d = self.links.call(link, cmd.States, states=payload)
+            d.addErrback(self.failed_call, "states", peer)
+
     def flush_tombstones(self) -> None:
         tombstones, self._outgoing = self._outgoing, None
         if tombstones is None:
@@ -246,3 +270,6 @@ class Replicator:
 
     def on_tombstones(self, payload: bytes) -> None:
         self.holdings.merge_tombstones(decode_tombstones(payload))
+
+    def on_states(self, link: Link, payload: bytes) -> None:
+        self.holdings.merge_states(decode_states(payload), link.peer_id or "")

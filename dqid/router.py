@@ -22,8 +22,9 @@ from .holdings import Holdings
 from .idempotency import IdempotencyConflict
 from .ids import MessageId, parse_id
 from .links import Links
-from .peers import Peer
-from .queue import Message, NotLeased, UnknownMessage
+from .node import LeaseChange
+from .peers import Link, Peer
+from .queue import LeaseLost, Message, NotHeld, NotLeased, UnknownMessage
 from .readiness import Readiness
 from .replica import Record
 from .replicator import Replicator
@@ -32,6 +33,11 @@ from .wire import decode_records, encode_records
 
 # Forwarded acks per Ack call (ids travel in one AMP value of 64 KiB).
 ACK_BATCH = 500
+# A peer's answer to Lease, and the error it means here.
+LEASE_OUTCOMES: dict[str, type[Exception]] = {
+    "unknown": UnknownMessage, "lease_lost": LeaseLost, "not_leased": NotLeased,
+    "not_held": NotHeld,
+}
 
 
 class Owner(Protocol):
@@ -41,7 +47,12 @@ class Owner(Protocol):
 
     def ack_own(self, message_id: str) -> Message: ...
 
-    def change_own_lease(self, message_id: str, visibility: float) -> Message: ...
+    def change_own_lease(self, message_id: str, change: LeaseChange) -> Message: ...
+
+    def held_own(self, count: int) -> list[Message]: ...
+
+    @property
+    def queue(self) -> Any: ...  # the WorkQueue (peek)
 
     async def own_key(self, key: str, digest: bytes) -> str | None: ...
 
@@ -144,35 +155,99 @@ class Router:
                 acked.append(message_id)
         return acked, unknown
 
-    # -- nack and touch ------------------------------------------------------
+    # -- nack, touch, kick, peek, held ----------------------------------------
 
-    async def lease(self, message_id: str, mid: MessageId, visibility: float) -> None:
-        """Nack (``visibility`` 0) or touch a message owned by a peer."""
+    def _owner_link(self, message_id: str, mid: MessageId) -> Link:
         owner = self.links.peers.get(mid.node)
         if owner is None or self.holdings.is_tombstoned(message_id):
             raise UnknownMessage(message_id)
         link = self.links.serving_link(owner)
         if link is None:
             raise NotReady(f"the owner of {message_id} ({mid.node}) is unreachable")
+        return link
+
+    async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
+        """Nack, touch or kick a message owned by a peer: the owner decides."""
+        link = self._owner_link(message_id, mid)
+        arguments: dict[str, Any] = {"id": message_id, "action": change.action}
+        if change.receipt is not None:
+            arguments["receipt"] = change.receipt
+        if change.action == "touch":
+            arguments["visibility"] = float(change.visibility)
+        if change.delay:
+            arguments["delay"] = float(change.delay)
         try:
-            answer = await self.links.call(link, cmd.Lease, id=message_id,
-                                           visibility=float(visibility))
+            answer = await self.links.call(link, cmd.Lease, **arguments)
         except Exception as error:
             raise NotReady(f"the owner of {message_id} did not answer: {error}") from None
-        if answer["outcome"] == "unknown":
-            raise UnknownMessage(message_id)
-        if answer["outcome"] == "not_leased":
-            raise NotLeased(message_id)
+        outcome = answer["outcome"]
+        if outcome in LEASE_OUTCOMES:
+            raise LEASE_OUTCOMES[outcome](message_id)
 
-    def on_lease(self, message_id: str, visibility: float) -> str:
+    def on_lease(self, message_id: str, change: LeaseChange) -> str:
         self._refuse_unless_serving()
         try:
-            self.node.change_own_lease(message_id, visibility)
+            self.node.change_own_lease(message_id, change)
         except UnknownMessage:
             return "unknown"
+        except LeaseLost:  # before NotLeased: a kind of it
+            return "lease_lost"
         except NotLeased:
             return "not_leased"
+        except NotHeld:
+            return "not_held"
         return "ok"
+
+    async def peek(self, message_id: str, mid: MessageId) -> tuple[Record, str]:
+        """Ask the owner; when it cannot answer, the replica held here."""
+        try:
+            link = self._owner_link(message_id, mid)
+            answer = await self.links.call(link, cmd.Peek, id=message_id)
+        except UnknownMessage:
+            raise
+        except Exception:
+            record = self.holdings.store.get(message_id)
+            if record is None:
+                raise UnknownMessage(message_id) from None
+            state = "held" if record.held else "delayed" if record.due else "ready"
+            return record, state
+        records = decode_records(answer["records"])
+        if not records:
+            raise UnknownMessage(message_id)
+        return records[0], answer["state"]
+
+    def on_peek(self, message_id: str) -> dict:
+        self._refuse_unless_serving()
+        try:
+            message, state = self.node.queue.peek(message_id)
+        except UnknownMessage:
+            return {"records": b"", "state": ""}
+        return {"records": encode_records([message]), "state": state}
+
+    async def held(self, count: int) -> list[Record]:
+        """Held messages of the other owners: asked of each serving peer;
+        those of a peer that does not serve, from the replicas here."""
+        found: list[Record] = []
+        for name, peer in sorted(self.links.peers.items()):
+            if len(found) >= count:
+                break
+            link = self.links.serving_link(peer)
+            records: list[Record] | None = None
+            if link is not None:
+                try:
+                    answer = await self.links.call(link, cmd.HeldList, count=count - len(found))
+                    records = decode_records(answer["records"])
+                except Exception as error:
+                    self.log.debug("held list of {peer} failed: {error}", peer=name,
+                                   error=error)
+            if records is None:
+                records = [r for r in self.holdings.store.records(name) if r.held]
+            found += records[:count - len(found)]
+        return found
+
+    def on_held_list(self, count: int) -> bytes:
+        self._refuse_unless_serving()
+        return encode_records(self.node.held_own(count))
 
     # -- idempotency keys anywhere ------------------------------------------
 
@@ -236,12 +311,20 @@ class Router:
             self.log.debug("take from {peer} failed: {error}", peer=peer.node_id, error=error)
             return []
         records = decode_records(answer["records"])
+        receipts = answer["receipts"]
+        if len(receipts) != len(records):
+            self.log.warn("take from {peer}: {records} records, {receipts} receipts",
+                          peer=peer.node_id, records=len(records), receipts=len(receipts))
+            return []  # the leases run out there; nothing delivered here
+        for record, receipt in zip(records, receipts):
+            record.receipt = receipt
         peer.ready_count = max(0, peer.ready_count - len(records)) if records else 0
         return records
 
-    def on_take(self, count: int, visibility: float) -> bytes:
+    def on_take(self, count: int, visibility: float) -> dict:
         self._refuse_unless_serving()
-        return encode_records(self.node.take_own(count, visibility))
+        taken = self.node.take_own(count, visibility)
+        return {"records": encode_records(taken), "receipts": [m.receipt for m in taken]}
 
     def feed_long_polls(self) -> None:
         """Serve parked long polls from peers that have ready work."""

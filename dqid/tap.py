@@ -172,6 +172,7 @@ def makeService(config: Any, reactor: Any = None,
         epoch=0 if peers else int(reactor.seconds() * 1000),
         visibility=config["visibility"],
         idempotency_window=timings.idempotency_window,
+        max_deliveries=config["max-deliveries"],
     )
     api = HttpApi(node, config["max-message-bytes"])
     resource: Any = api.resource()

@@ -135,7 +135,7 @@ class StateTransfer:
                 page = await self.links.call(link, cmd.SyncPage, token=start["token"])
                 records = decode_records(page["records"])
                 count += len(records)
-                self.holdings.merge_records(records)
+                self.holdings.merge_records(records, source=peer.node_id)
                 more = page["more"]
         except Exception as error:
             self.log.warn("sync from {peer} failed ({error}); retrying",

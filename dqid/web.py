@@ -15,17 +15,21 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import BadRequest, MethodNotAllowed, NotFound
 
-from .idempotency import IdempotencyConflict
 from .errors import NotReady, NotReplicated
-from .node import PushItem, PushResult, QueueNode
 from .http_io import (
-    MAX_BATCH, MAX_GET_COUNT, MAX_VISIBILITY, MAX_WAIT, RETRY_AFTER_FULL,
-    RETRY_AFTER_UNAVAILABLE, HEALTHY_BODY, READY_BODY, ApiError, answer, bad_request,
-    batch_body_limit, content_type_header, content_type_text, decode_batch,
-    encode_message, int_arg, json_body, no_content, number_arg, read_body,
+    HEALTHY_BODY, MAX_BATCH, MAX_DELAY, MAX_GET_COUNT, MAX_HELD_COUNT, MAX_VISIBILITY,
+    MAX_WAIT, READY_BODY, RETRY_AFTER_FULL, RETRY_AFTER_UNAVAILABLE, ApiError, answer,
+    bad_request, batch_body_limit, content_type_header, content_type_text, decode_batch,
+    encode_held, encode_message, int_arg, json_body, no_content, number_arg, read_body,
+    text_arg,
 )
+from .idempotency import IdempotencyConflict
+from .node import PushItem, PushResult, QueueNode
 from .lean_resource import LeanKleinResource
-from .queue import Message, NotLeased, QueueFull, UnknownMessage
+from .queue import LeaseLost, Message, NotHeld, NotLeased, QueueFull, UnknownMessage
+
+
+DEFAULT_HELD_COUNT = 100
 
 
 def _translate(failure: Failure) -> ApiError:
@@ -43,6 +47,13 @@ def _translate(failure: Failure) -> ApiError:
             404, "unknown_message",
             f"message {error.args[0]!s} is not queued (acked, or never pushed)",
         )
+    if isinstance(error, LeaseLost):  # before NotLeased: a kind of it
+        return ApiError(
+            409, "lease_lost",
+            f"message {error.args[0]!s}: this receipt's lease is over (it ran out, was "
+            "nacked, or the message was delivered again)")
+    if isinstance(error, NotHeld):
+        return ApiError(409, "not_held", f"message {error.args[0]!s} is not held")
     if isinstance(error, NotLeased):
         return ApiError(409, "not_leased", f"message {error.args[0]!s} is not leased")
     if isinstance(error, IdempotencyConflict):
@@ -118,7 +129,8 @@ class HttpApi:
             raise bad_request("the message body is empty", "empty_message")
         key = self._idempotency_key(request)
         raw_type = request.getHeader(b"content-type")
-        item = PushItem(body, content_type_text(raw_type) if raw_type else None)
+        delay = number_arg(request, "delay", 0.0, 0.0, MAX_DELAY, False) if request.args else 0.0
+        item = PushItem(body, content_type_text(raw_type) if raw_type else None, delay or None)
         result = self.node.push(item, key)
         if isinstance(result, PushResult):
             return self._pushed(result, request)
@@ -177,6 +189,11 @@ class HttpApi:
         if count is not None:
             return json_body(request, 200, {"messages": [encode_message(m) for m in taken]})
         message = taken[0]
+        request.setHeader(b"Dqid-Receipt", message.receipt.encode("ascii"))
+        return HttpApi._message(request, message)
+
+    @staticmethod
+    def _message(request: IRequest, message: Message) -> bytes:
         request.setHeader(b"Dqid-Id", message.id.encode("ascii"))
         request.setHeader(b"Dqid-Deliveries", b"%d" % message.deliveries)
         return answer(request, 200, message.body, content_type_header(message.content_type))
@@ -216,14 +233,44 @@ class HttpApi:
 
     @app.route("/nack/<message_id>", methods=["POST"])
     def nack(self, request: IRequest, message_id: str) -> bytes | Deferred:
-        return self._done(request, self.node.nack(message_id))
+        receipt = text_arg(request, "receipt")
+        delay = number_arg(request, "delay", 0.0, 0.0, MAX_DELAY, False)
+        return self._done(request, self.node.nack(message_id, receipt, delay))
 
     @app.route("/touch/<message_id>", methods=["POST"])
     def touch(self, request: IRequest, message_id: str) -> bytes | Deferred:
+        receipt = text_arg(request, "receipt")
         visibility = number_arg(
             request, "visibility", self.node.default_visibility, 0.0, MAX_VISIBILITY, True
         )
-        return self._done(request, self.node.touch(message_id, visibility))
+        return self._done(request, self.node.touch(message_id, visibility, receipt))
+
+    # -- held messages and peeks ----------------------------------------------
+
+    @app.route("/kick/<message_id>", methods=["POST"])
+    def kick(self, request: IRequest, message_id: str) -> bytes | Deferred:
+        return self._done(request, self.node.kick(message_id))
+
+    @app.route("/held", methods=["GET"])
+    def held(self, request: IRequest) -> bytes | Deferred:
+        count = int_arg(request, "count", 1, MAX_HELD_COUNT) or DEFAULT_HELD_COUNT
+        found = self.node.held(count)
+
+        def listed(messages: list[Message]) -> bytes:
+            return json_body(request, 200, {"messages": [encode_held(m) for m in messages]})
+
+        return listed(found) if isinstance(found, list) else found.addCallback(listed)
+
+    @app.route("/messages/<message_id>", methods=["GET"])
+    def peek(self, request: IRequest, message_id: str) -> bytes | Deferred:
+        found = self.node.peek(message_id)
+
+        def shown(found: tuple[Message, str]) -> bytes:
+            message, state = found
+            request.setHeader(b"Dqid-State", state.encode("ascii"))
+            return self._message(request, message)
+
+        return shown(found) if isinstance(found, tuple) else found.addCallback(shown)
 
     @staticmethod
     def _done(request: IRequest, waiting: Deferred | None) -> bytes | Deferred:

@@ -23,7 +23,12 @@ from .ids import MessageId, is_valid_node_id, parse_id
 from .replica import MessageLike, Record
 from .tombstones import Tombstones
 
-_HEADER = struct.Struct(">HHHII")
+# id, content-type and key lengths (0xFFFF: none), deliveries, body length,
+# flags (bit 0: held), due time (wall clock seconds; 0: not delayed).
+_HEADER = struct.Struct(">HHHIIBd")
+_HELD = 1
+# A state update: id length, deliveries, flags, due.
+_STATE = struct.Struct(">HIBd")
 _NONE = 0xFFFF
 
 MAX_EPOCH = 36**13 - 1  # the largest epoch (or seq) a message id can carry
@@ -32,6 +37,7 @@ MAX_SEQ = MAX_EPOCH
 # bound only keeps absurd integers out.
 MAX_RANGE_END = 2**128
 MAX_CHUNK_BYTES = 0xFFFF  # one AMP value
+MAX_DUE = 1e11  # a due time in wall-clock seconds (year 5138): no more
 _SHOWN = 60  # characters of a bad value quoted in an error message
 _DECIMAL_RE = re.compile(r"\A(?:0|[1-9][0-9]{0,20})\Z")
 _COUNT_RE = re.compile(rb"\A[1-9][0-9]{0,9}\Z")
@@ -68,9 +74,9 @@ def encode_records(messages: Iterable[MessageLike]) -> bytes:
         raw_id = message.id.encode("ascii")
         ct_len, ct = _text(message.content_type)
         key_len, key = _text(message.key)
-        parts.append(
-            _HEADER.pack(len(raw_id), ct_len, key_len, message.deliveries, len(message.body))
-        )
+        parts.append(_HEADER.pack(len(raw_id), ct_len, key_len, message.deliveries,
+                                  len(message.body), _HELD if message.held else 0,
+                                  message.due or 0.0))
         parts += (raw_id, ct, key, message.body)
     return b"".join(parts)
 
@@ -96,7 +102,9 @@ def decode_records(data: bytes) -> list[Record]:
             stop = offset + size
             if stop > end:
                 raise WireError("truncated record header")
-            id_len, ct_len, key_len, deliveries, body_len = unpack(data, offset)
+            id_len, ct_len, key_len, deliveries, body_len, flags, due = unpack(data, offset)
+            if flags & ~_HELD or not 0.0 <= due <= MAX_DUE:  # False for NaN
+                raise WireError("bad state flags or due time")
             if id_len == _NONE:
                 raise WireError("record without an id")
             offset, stop = stop, stop + id_len
@@ -112,7 +120,8 @@ def decode_records(data: bytes) -> list[Record]:
             if stop > end:
                 raise WireError("truncated record")
             mid = parse_id(message_id)  # ValueError for an id dqid could not mint
-            append(Record(message_id, data[offset:stop], content_type, key, deliveries, mid))
+            append(Record(message_id, data[offset:stop], content_type, key, deliveries, mid,
+                          bool(flags), due or None))
             offset = stop
     except WireError as error:
         raise WireError(f"record at byte {start}: {error}") from None
@@ -123,6 +132,43 @@ def decode_records(data: bytes) -> list[Record]:
             f"record at byte {start}: not a dqid message id: {_quoted(message_id)}"
         ) from None
     return records
+
+
+# -- state updates --------------------------------------------------------------
+
+
+def encode_states(messages: Iterable[MessageLike]) -> bytes:
+    """What changed of messages a replica holds: deliveries, held, due."""
+    parts: list[bytes] = []
+    for message in messages:
+        raw_id = message.id.encode("ascii")
+        parts.append(_STATE.pack(len(raw_id), message.deliveries,
+                                 _HELD if message.held else 0, message.due or 0.0))
+        parts.append(raw_id)
+    return b"".join(parts)
+
+
+def decode_states(data: bytes) -> list[tuple[MessageId, str, int, bool, float | None]]:
+    """``(mid, id, deliveries, held, due)`` per update; else WireError."""
+    if type(data) is not bytes:
+        data = bytes(memoryview(data))
+    states = []
+    offset, end, size = 0, len(data), _STATE.size
+    while offset < end:
+        if offset + size > end:
+            raise WireError(f"state at byte {offset}: truncated")
+        id_len, deliveries, flags, due = _STATE.unpack_from(data, offset)
+        stop = offset + size + id_len
+        if stop > end or flags & ~_HELD or not 0.0 <= due <= MAX_DUE:
+            raise WireError(f"state at byte {offset}: truncated or bad flags or due")
+        try:
+            message_id = data[offset + size:stop].decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError(f"state at byte {offset}: the id is not ASCII") from None
+        states.append((checked_message_id(message_id), message_id, deliveries, bool(flags),
+                       due or None))
+        offset = stop
+    return states
 
 
 # -- tombstones ---------------------------------------------------------------

@@ -59,7 +59,8 @@ class Member:
     cluster: Cluster
 
     def push(self, body: bytes = b"job", **kw: Any) -> Deferred:
-        return deferred(self.node.push, PushItem(body, kw.get("content_type")), kw.get("key"))
+        item = PushItem(body, kw.get("content_type"), kw.get("delay"))
+        return deferred(self.node.push, item, kw.get("key"))
 
     def get(self, visibility: float = 30.0, wait: float = 0.0, count: int = 1) -> Deferred:
         return deferred(self.node.get, visibility, wait, count)
@@ -83,6 +84,7 @@ class Net:
     size: int = 100
     replication_timeout: float = 5.0
     key: bytes = b"a cluster key of the tests, 32 b"
+    max_deliveries: int = 0
     clock: Clock = field(default_factory=Clock)
     members: dict[str, Member] = field(default_factory=dict)
     retired: list[Member] = field(default_factory=list)
@@ -100,7 +102,8 @@ class Net:
         members = list(self.names if members is None else members)
         peers = [PeerAddress(p, "127.0.0.1", 9000 + i)
                  for i, p in enumerate(members) if p != name]
-        node = QueueNode(name, self.size, self.clock, epoch=0)
+        node = QueueNode(name, self.size, self.clock, epoch=0,
+                         max_deliveries=self.max_deliveries)
         timings = replace(DEFAULT_TIMINGS, replication_timeout=self.replication_timeout)
         cluster = Cluster(node, peers, self.clock, self.min_copies, timings)
         member = Member(name, node, cluster)

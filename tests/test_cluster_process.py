@@ -160,13 +160,20 @@ def test_lease_changes_and_long_polls_work_through_any_node(pool) -> None:
     message_id = push_ok(cluster, "a", b"lease me")
     got = cluster["b"].http("GET", "/get?visibility=30")
     assert got.headers["dqid-id"] == message_id
-    assert cluster["c"].http("POST", f"/touch/{message_id}?visibility=60").status == 204
-    assert cluster["b"].http("POST", f"/nack/{message_id}").status == 204
+    receipt = got.headers["dqid-receipt"]
+    assert cluster["c"].http(
+        "POST", f"/touch/{message_id}?visibility=60&receipt={receipt}").status == 204
+    assert cluster["c"].http("POST", f"/touch/{message_id}?receipt=other").status == 409
+    assert cluster["b"].http("POST", f"/nack/{message_id}?receipt={receipt}").status == 204
     assert cluster.stats("a")["ready"] == 1
+    # The late worker's receipt no longer acts on the message.
+    assert cluster["c"].http("POST", f"/nack/{message_id}?receipt={receipt}").status == 409
     again = cluster["c"].http("GET", "/get")
     assert (again.headers["dqid-id"], again.headers["dqid-deliveries"]) == (message_id, "2")
+    assert again.headers["dqid-receipt"] != receipt
     assert cluster["c"].http("POST", f"/ack/{message_id}").status == 204
-    assert cluster["b"].http("POST", f"/touch/{message_id}").status == 404
+    assert cluster["b"].http(
+        "POST", f"/touch/{message_id}?receipt={again.headers['dqid-receipt']}").status == 404
 
     # A long poll parked on c is answered by a push that lands on a.
     answer: dict = {}

@@ -148,8 +148,10 @@ async def test_push_get_and_ack_over_a_real_socket(loopback):
 @pytest_twisted.ensureDeferred
 async def test_a_nacked_message_comes_back_with_two_deliveries(loopback):
     message_id = await loopback.push(b"again")
-    assert (await loopback.request("GET", "/get")).headers["dqid-deliveries"] == "1"
-    assert (await loopback.request("POST", f"/nack/{message_id}")).code == 204
+    first = await loopback.request("GET", "/get")
+    assert first.headers["dqid-deliveries"] == "1"
+    receipt = first.headers["dqid-receipt"]
+    assert (await loopback.request("POST", f"/nack/{message_id}?receipt={receipt}")).code == 204
     answer = await loopback.request("GET", "/get")
     assert (answer.headers["dqid-id"], answer.headers["dqid-deliveries"]) == (
         message_id, "2",

@@ -300,7 +300,7 @@ def outsider_script(net: Net, victim: str, ids: list[str]) -> list[tuple[str, An
                                           serving=True)),
         ("take", cmd.Take, dict(count=100, visibility=3600.0)),
         ("ack", cmd.Ack, dict(ids=ids)),
-        ("lease", cmd.Lease, dict(id=ids[0], visibility=0.0)),
+        ("lease", cmd.Lease, dict(id=ids[0], action="kick")),
         ("sync start", cmd.SyncStart, {}),
         ("sync page", cmd.SyncPage, dict(token="0" * 32)),
         ("replicate", cmd.Replicate, dict(owner=claimed, epoch=HUGE_EPOCH,
@@ -822,15 +822,26 @@ def test_fuzzed_lease_changes_only_the_leased_message(data):
     draw = data.draw
     with fuzzed_world() as (net, peer):
         b = net["b"]
-        leased = b.node.take_own(1, 30.0)[0].id
+        taken = b.node.take_own(1, 30.0)[0]
+        leased, current = taken.id, taken.receipt
         real = sorted(b.node.queue)
         message_id = message_id_of(draw, real)
+        action = draw(st.sampled_from(["nack", "touch", "kick"]) | st.text(max_size=8),
+                      label="action")
+        receipt = draw(st.none() | st.just(current) | st.text(max_size=12), label="receipt")
         visibility = draw(seconds, label="visibility")
+        arguments = {"id": message_id, "action": action}
+        if receipt is not None:
+            arguments["receipt"] = receipt
+        if action == "touch":
+            arguments["visibility"] = visibility
         queue, logged = own_queue(b), warnings(net)
-        result = peer.call(cmd.Lease, id=message_id, visibility=visibility)
+        result = peer.call(cmd.Lease, **arguments)
         try:
             parse_id(message_id)
-            valid = in_range(visibility, 0.0, 43200.0)
+            valid = (action in ("nack", "touch", "kick")
+                     and (action == "kick") == (receipt is None)
+                     and (action != "touch" or in_range(visibility, 0.001, 43200.0)))
         except ValueError:
             valid = False
         if not valid:
@@ -839,11 +850,17 @@ def test_fuzzed_lease_changes_only_the_leased_message(data):
         elif message_id not in queue:
             assert result == {"outcome": "unknown"}
             assert own_queue(b) == queue
-        elif visibility == 0:  # a nack: ready again if it was leased
+        elif action == "kick":  # nothing is held here
+            assert result == {"outcome": "not_held"}
+            assert own_queue(b) == queue
+        elif message_id != leased or receipt != current:  # not this lease
+            assert result == {"outcome": "lease_lost"}
+            assert own_queue(b) == queue
+        elif action == "nack":
             assert result == {"outcome": "ok"}
             assert own_queue(b) == {**queue, message_id: READY}
-        else:  # a touch: only a leased message has a lease to extend
-            assert result == {"outcome": "ok" if message_id == leased else "not_leased"}
+        else:  # the touch of the current lease
+            assert result == {"outcome": "ok"}
             assert own_queue(b) == queue
 
 

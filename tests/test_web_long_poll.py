@@ -93,11 +93,11 @@ def test_two_long_polls_each_get_one_message(h):
 
 def test_long_poll_is_answered_by_a_nack(h):
     message_id = h.push(b"a")
-    h.take()
+    receipt = h.take().header("Dqid-Receipt")
     polling = h.send("GET", "/get?wait=5")
     h.flush()
     assertNoResult(polling)
-    assert h.call("POST", f"/nack/{message_id}").code == 204
+    assert h.call("POST", f"/nack/{message_id}?receipt={receipt}").code == 204
     h.flush()
     reply = successResultOf(polling)
     assert reply.header("Dqid-Id") == message_id

@@ -15,8 +15,8 @@ def test_stats_reports_the_queue(make):
     first = h.push(b"a")
     h.push(b"b")
     h.push(b"c")
-    h.take()
-    h.call("POST", f"/nack/{first}")
+    receipt = h.take().header("Dqid-Receipt")
+    h.call("POST", f"/nack/{first}?receipt={receipt}")
     h.take()  # first again: a redelivery
     h.call("POST", f"/ack/{first}")
     h.take()

@@ -106,10 +106,10 @@ def _raw(raw_id: bytes, body: bytes = b"", ct: bytes | None = None,
          key: bytes | None = None, deliveries: int = 0) -> bytes:
     """One record's bytes, built by hand (so the id need not be valid)."""
     header = struct.pack(
-        ">HHHII", len(raw_id),
+        ">HHHIIBd", len(raw_id),
         0xFFFF if ct is None else len(ct),
         0xFFFF if key is None else len(key),
-        deliveries, len(body))
+        deliveries, len(body), 0, 0.0)
     return header + raw_id + (ct or b"") + (key or b"") + body
 
 
@@ -149,7 +149,7 @@ def test_non_utf8_and_missing_ids_are_rejected():
     with pytest.raises(ValueError):
         decode_records(_raw("nœ.1.1".encode()))
     # An id field marked "none" is not an id.
-    header = struct.pack(">HHHII", 0xFFFF, 0xFFFF, 0xFFFF, 0, 0)
+    header = struct.pack(">HHHIIBd", 0xFFFF, 0xFFFF, 0xFFFF, 0, 0, 0, 0.0)
     with pytest.raises(ValueError):
         decode_records(header)
     with pytest.raises(ValueError):

@@ -131,8 +131,8 @@ def decode_records_or_error(data: bytes) -> list[Record] | None:
 
 @FUZZ
 @given(st.binary(max_size=300))
-@example(b"\x00" * 14)
-@example(b"\xff" * 14)
+@example(b"\x00" * 23)
+@example(b"\xff" * 23)
 @example(b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00a.1.1")
 def test_arbitrary_bytes_decode_to_records_or_wire_error(data):
     decode_records_or_error(data)
@@ -155,10 +155,17 @@ def test_records_still_round_trip(batch):
 
 @pytest.mark.parametrize("bad, expected", [
     (b"\x00\x01", "truncated record header"),
-    (b"\xff\xff" + b"\xff" * 12, "record without an id"),
-    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00a.1.\xff", "not UTF-8"),
-    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00a.1.Z", "not a dqid message id"),
-    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\xff\xff\xff\xffa.1.1", "truncated record"),
+    (b"\xff\xff" + b"\xff" * 12 + b"\x00" * 9, "record without an id"),
+    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 9 + b"a.1.\xff",
+     "not UTF-8"),
+    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 9 + b"a.1.Z",
+     "not a dqid message id"),
+    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\xff\xff\xff\xff" + b"\x00" * 9 + b"a.1.1",
+     "truncated record"),
+    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x02" + b"\x00" * 8 + b"a.1.1",
+     "bad state flags"),
+    (b"\x00\x05\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x7f\xf8" + b"\x00" * 6
+     + b"a.1.1", "due time"),
 ])
 def test_record_errors_say_what_and_where(bad, expected):
     good = encode_records([Record("a.1.1", b"x")])

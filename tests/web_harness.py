@@ -56,10 +56,12 @@ class Reply:
 class Harness:
     """One standalone node on a Clock, its Klein app, and a StubTreq client."""
 
-    def __init__(self, size: int = 5, max_message_bytes: int = 64) -> None:
+    def __init__(self, size: int = 5, max_message_bytes: int = 64,
+                 max_deliveries: int = 0) -> None:
         self.clock = Clock()
         self.node = QueueNode(
-            node_id="n1", size=size, clock=self.clock, epoch=1, visibility=30
+            node_id="n1", size=size, clock=self.clock, epoch=1, visibility=30,
+            max_deliveries=max_deliveries,
         )
         self.api = HttpApi(self.node, max_message_bytes=max_message_bytes)
         self.stub = StubTreq(self.api.resource())
@@ -131,9 +133,10 @@ class Harness:
         stats = self.node.stats()
         assert stats["waiting_gets"] == 0
         pending = self.clock.getDelayedCalls()
-        if stats["leased"] and self.node.readiness.refusal() is None:
+        timed = stats["leased"] or stats["delayed"]  # the one timer is due
+        if timed and self.node.readiness.refusal() is None:
             assert len(pending) == 1, pending
-        elif not stats["leased"]:
+        elif not timed:
             assert len(pending) <= 1, pending
             self.clock.advance(MAX_VISIBILITY + 1)
             assert self.clock.getDelayedCalls() == []
