@@ -30,10 +30,6 @@ from dqid.worker import Worker
 from .helpers import assertNoResult, failureResultOf, successResultOf
 from .web_harness import BASE, Harness, h, make  # noqa: F401  (fixtures)
 
-RECEIPTS = pytest.mark.xfail(
-    reason="server side of issue 11 not landed", strict=False)
-
-
 class Recorder(Resource):
     """Passes every request to ``inner`` and keeps (method, path, query,
     headers) of each; ``before`` may answer instead (return the body) or
@@ -171,6 +167,7 @@ def test_batches_round_trip_in_order(h):
     assert [d.body for d in deliveries] == [b"one", b"two", b"\xfe\xff"]
     assert deliveries[2].content_type == "application/x-bin"
     assert all(d.deliveries == 1 for d in deliveries)
+    assert len({d.receipt for d in deliveries}) == 3 and all(d.receipt for d in deliveries)
     assert successResultOf(rig.client.get_many(10)) == []
     assert [successResultOf(rig.client.ack(d)) for d in deliveries] == [True] * 3
 
@@ -223,10 +220,9 @@ def test_the_bearer_token_is_sent(h):
     assert headers.getRawHeaders(b"authorization") == [b"Bearer s3cret"]
 
 
-# -- receipts, delays and peek (the server side is issue 11) -------------------
+# -- receipts, delays and peek -------------------------------------------------
 
 
-@RECEIPTS
 def test_deliveries_carry_receipts_that_nack_and_touch_send(h):
     rig = Rig(h)
     successResultOf(rig.client.push(b"job"))
@@ -244,7 +240,6 @@ def test_deliveries_carry_receipts_that_nack_and_touch_send(h):
     successResultOf(rig.client.ack(again))
 
 
-@RECEIPTS
 def test_delays_and_peek(h):
     rig = Rig(h)
     message_id = successResultOf(rig.client.push(b"later", delay=5))
@@ -523,12 +518,21 @@ def test_a_failed_job_is_nacked_with_a_growing_delay(make):
     rig = Rig(h)
     successResultOf(rig.client.push(b"flaky"))
     jobs = Jobs(outcomes={b"flaky": ["fail", "fail", "fail", "fail", "ok"]})
-    worker = make_worker(rig, jobs, backoff=(1, 2, 5))
+    taken_at: list[float] = []
+    handler = jobs.handler()
+
+    def timed(delivery: Any) -> Any:
+        taken_at.append(h.clock.seconds())
+        return handler(delivery)
+
+    worker = Worker(rig.client, timed, visibility=30, backoff=(1, 2, 5), reactor=h.clock)
     worker.start()
     rig.advance(30)
     assert [d.deliveries for d in jobs.seen] == [1, 2, 3, 4, 5]
     delays = [q["delay"] for q in rig.recorder.queries("/nack")]
     assert delays == [["1"], ["2"], ["5"], ["5"]]  # capped at the last
+    gaps = [later - earlier for earlier, later in zip(taken_at, taken_at[1:])]
+    assert [round(gap, 1) for gap in gaps] == [1.0, 2.0, 5.0, 5.0]  # not before the delay
     assert (worker.counts.failed, worker.counts.nacked, worker.counts.acked) == (4, 4, 1)
     assert rig.depth() == 0
     stop(rig, worker)
@@ -569,6 +573,26 @@ def test_a_lost_lease_stops_the_touches_and_the_finished_job_is_still_acked(make
     rig.settle()
     assert rig.recorder.paths("/ack/") == [f"/ack/{message_id}"]  # finished is finished
     assert worker.counts.acked == 1 and rig.depth() == 0
+    stop(rig, worker)
+
+
+def test_a_late_failure_after_the_lease_ran_out_changes_nothing(make):
+    h = make(size=10)
+    rig = Rig(h)
+    successResultOf(rig.client.push(b"slow"))
+    jobs = Jobs(outcomes={b"slow": ["hold", "ok"]})
+    worker = make_worker(rig, jobs, concurrency=2, visibility=3, touch_every=5)
+    worker.start()
+    rig.advance(6)  # the lease ran out; the other slot took it again and acked it
+    assert [d.deliveries for d in jobs.seen] == [1, 2]
+    assert jobs.seen[0].receipt != jobs.seen[1].receipt
+    assert worker.counts.acked == 1 and rig.depth() == 0
+    jobs.holding[b"slow"].errback(RuntimeError("too late"))
+    rig.settle()
+    nacks = rig.recorder.queries("/nack")
+    assert [q["receipt"] for q in nacks] == [[jobs.seen[0].receipt]]
+    assert (worker.counts.nacked, worker.counts.lost_leases) == (0, 2)  # touch and nack
+    assert len(rig.recorder.paths("/ack/")) == 1
     stop(rig, worker)
 
 

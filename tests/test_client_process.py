@@ -39,8 +39,6 @@ pytestmark = pytest.mark.process
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "client-test-token-0123456789"
-RECEIPTS = pytest.mark.xfail(
-    reason="server side of issue 11 not landed", strict=False)
 
 
 async def pause(seconds: float) -> None:
@@ -114,7 +112,6 @@ async def test_the_client_against_a_real_node(solo):
         await stranger.close()
 
 
-@RECEIPTS
 @pytest_twisted.ensureDeferred
 async def test_receipts_delays_and_peek_against_a_real_node(solo):
     client = Client(url_of(solo), token=TOKEN)
