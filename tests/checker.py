@@ -13,6 +13,10 @@ call ``delivered`` for every delivery (redeliveries too) and ``acked`` for
 every ack.  Message ids are taken for the harness's convenience; the
 verdict is by token, since a redelivery or a retry keeps the token.
 
+A token whose message ends *held* (poison, set aside after
+``--max-deliveries``) is recorded with ``held``: it counts as neither lost
+nor delivered, since the queue kept it for a person to decide.
+
 Verdict (``Report.ok()``): no token acknowledged (ok) to a producer is lost,
 nothing that was never attempted comes out, and nothing whose only answers
 were definite refusals comes out.  Duplicates are allowed (at-least-once)
@@ -46,6 +50,7 @@ class Report:
     queued_twice: int = 0       # tokens delivered under two or more ids
     recovered: int = 0          # indeterminate and delivered
     not_acked: int = 0          # delivered but never acked
+    held: int = 0               # ended held: neither lost nor delivered
     lost_tokens: list[str] = field(default_factory=list)
     unexpected_tokens: list[str] = field(default_factory=list)
     refused_delivered_tokens: list[str] = field(default_factory=list)
@@ -60,7 +65,7 @@ class Report:
                 "attempted", "acknowledged", "refused", "indeterminate",
                 "delivered_unique", "deliveries", "lost", "unexpected",
                 "refused_delivered", "duplicated", "queued_twice", "recovered",
-                "not_acked",
+                "not_acked", "held",
             )
         )
         examples = ""
@@ -84,6 +89,7 @@ class QueueChecker:
         self._deliveries: Counter[str] = Counter()
         self._ids: dict[str, set[str]] = {}
         self._acked: set[str] = set()
+        self._held: set[str] = set()
 
     def attempt(self, token: str) -> None:
         """A push of the body carrying ``token`` is about to be sent."""
@@ -114,10 +120,21 @@ class QueueChecker:
         with self._lock:
             self._acked.add(token)
 
+    def outcomes(self) -> dict[str, str]:
+        """Each attempted token's best outcome so far."""
+        with self._lock:
+            return {t: o or "indeterminate" for t, o in self._outcome.items()}
+
+    def held(self, token: str) -> None:
+        """The message carrying ``token`` was found held at the end."""
+        with self._lock:
+            self._held.add(token)
+
     def report(self) -> Report:
         with self._lock:
             outcome = {t: o or "indeterminate" for t, o in self._outcome.items()}
-            deliveries = dict(self._deliveries)
+            held = set(self._held)
+            deliveries = {t: n for t, n in self._deliveries.items() if t not in held}
             acked = set(self._acked)
             ids = {t: len(i) for t, i in self._ids.items()}
         best = Counter(outcome.values())
@@ -132,8 +149,10 @@ class QueueChecker:
             queued_twice=sum(1 for n in ids.values() if n > 1),
             recovered=sum(1 for t in deliveries if outcome.get(t) == "indeterminate"),
             not_acked=sum(1 for t in deliveries if t not in acked),
-            lost_tokens=sorted(t for t, o in outcome.items() if o == "ok" and t not in deliveries),
-            unexpected_tokens=sorted(t for t in deliveries if t not in outcome),
+            held=len(held),
+            lost_tokens=sorted(t for t, o in outcome.items()
+                               if o == "ok" and t not in deliveries and t not in held),
+            unexpected_tokens=sorted(t for t in {*deliveries, *held} if t not in outcome),
             refused_delivered_tokens=sorted(t for t in deliveries if outcome.get(t) == "refused"),
         )
         report.lost = len(report.lost_tokens)

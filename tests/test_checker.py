@@ -254,3 +254,25 @@ def test_a_token_delivered_under_two_ids_counts_as_queued_twice() -> None:
     checker.delivered("t", "b.1.1")
     report = checker.report()
     assert (report.duplicated, report.queued_twice, report.lost) == (1, 1, 0)
+
+
+def test_a_held_message_is_neither_lost_nor_delivered() -> None:
+    checker = QueueChecker()
+    push(checker, "poison", "ok")
+    deliver(checker, "poison", times=2, ack=False)  # nacked twice, then held
+    push(checker, "kept", "ok")  # held without a delivery seen (crashed workers)
+    push(checker, "fine", "ok")
+    deliver(checker, "fine")
+    checker.held("poison")
+    checker.held("kept")
+    report = checker.report()
+    assert report.ok(), report.summary()
+    assert (report.held, report.lost, report.delivered_unique) == (2, 0, 1)
+    assert "held=2" in report.summary().split()
+
+
+def test_a_held_token_that_was_never_pushed_is_unexpected() -> None:
+    checker = QueueChecker()
+    checker.held("ghost")
+    report = checker.report()
+    assert report.unexpected_tokens == ["ghost"] and not report.ok()

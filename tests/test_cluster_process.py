@@ -234,3 +234,34 @@ def test_batches_keep_the_single_message_guarantees(pool) -> None:
     cluster.wait_until(lambda: cluster.held_everywhere("a") == {"b": 3, "c": 3},
                        what="holders to drop the acked copies")
     assert set(cluster.drain()) == set(ids[5:])
+
+
+def test_a_held_message_survives_its_owners_kill_and_replacement(pool) -> None:
+    cluster = LocalCluster(pool, ("a", "b", "c"), "--max-deliveries=2").start()
+    poison = push_ok(cluster, "a", b"poison")
+    later = cluster["a"].http("POST", "/push?delay=3600", b"tomorrow").json()["id"]
+    for worker in ("b", "c"):  # two deliveries, through two nodes, both nacked
+        got = cluster[worker].http("GET", "/get?visibility=30")
+        assert got.headers["dqid-id"] == poison
+        receipt = got.headers["dqid-receipt"]
+        assert cluster[worker].http("POST", f"/nack/{poison}?receipt={receipt}").status == 204
+    assert cluster.stats("a")["held"] == 1
+    # The peers learn it (States travel after the turn): then kill -9 a.
+    cluster.wait_until(
+        lambda: cluster["b"].http("GET", f"/messages/{poison}").headers.get("dqid-state")
+        == "held", what="b to see the message held")
+    listed = cluster["c"].http("GET", "/held").json()["messages"]
+    assert [m["id"] for m in listed] == [poison]
+    cluster.replace("a")
+    stats = cluster.stats("a")
+    assert (stats["held"], stats["delayed"], stats["ready"], stats["depth"]) == (1, 1, 0, 2)
+    assert cluster["a"].http("GET", "/get").status == 204  # held and delayed: nothing
+    peeked = cluster["b"].http("GET", f"/messages/{poison}")
+    assert (peeked.body, peeked.headers["dqid-state"], peeked.headers["dqid-deliveries"]) == (
+        b"poison", "held", "2")
+    assert cluster["b"].http("GET", f"/messages/{later}").headers["dqid-state"] == "delayed"
+    # A person decides: kick it, through any node; it is delivered again.
+    assert cluster["c"].http("POST", f"/kick/{poison}").status == 204
+    again = cluster["b"].http("GET", "/get")
+    assert (again.headers["dqid-id"], again.headers["dqid-deliveries"]) == (poison, "3")
+    assert cluster["b"].http("POST", f"/ack/{poison}").status == 204

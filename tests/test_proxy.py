@@ -458,3 +458,25 @@ def test_bearer_tokens_pass_through_the_proxy(kind, pool, proxies, tmp_path) -> 
         taken.add(got.headers["dqid-id"])
         assert proxy.http("POST", f"/ack/{got.headers['dqid-id']}", headers=auth).status == 204
     assert taken == ids
+
+
+@pytest.mark.parametrize("kind", PROXIES)
+def test_receipts_and_delays_pass_through_the_proxy(kind, pool, proxies) -> None:
+    cluster, proxy, _ = start(kind, pool, proxies, "--max-deliveries=1")
+    delayed = proxy.http("POST", "/push?delay=1", b"later")
+    assert delayed.status == 201, delayed
+    assert proxy.http("GET", "/get").status == 204  # not before its delay
+    time.sleep(1.2)
+    got = proxy.http("GET", "/get?visibility=30")
+    assert (got.status, got.body) == (200, b"later")
+    message_id, receipt = got.headers["dqid-id"], got.headers["dqid-receipt"]
+    assert proxy.http("POST", f"/nack/{message_id}?receipt=wrong").status == 409
+    assert proxy.http("POST", f"/nack/{message_id}?receipt={receipt}").status == 204
+    # --max-deliveries=1: held now, seen and kicked through the proxy.
+    held = proxy.http("GET", "/held").json()["messages"]
+    assert [m["id"] for m in held] == [message_id]
+    assert proxy.http("GET", f"/messages/{message_id}").headers["dqid-state"] == "held"
+    assert proxy.http("POST", f"/kick/{message_id}").status == 204
+    again = proxy.http("GET", "/get")
+    assert again.headers["dqid-id"] == message_id and again.headers["dqid-deliveries"] == "2"
+    assert proxy.http("POST", f"/ack/{message_id}").status == 204

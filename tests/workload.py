@@ -32,6 +32,7 @@ class WorkloadConfig:
     idempotency_keys: bool = True
     push_retries: int = 3
     push_interval: float = 0.0  # pause between one producer's pushes
+    poison_rate: float = 0.0  # share of messages every worker nacks (never acks)
     max_seconds: float = 60.0
 
 
@@ -121,7 +122,9 @@ class Workload:
                     number = next(self._tokens, None)
                 if number is None:
                     return
-                self._push_one(f"t{self.config.seed}-{number}", rng)
+                poison = rng.random() < self.config.poison_rate
+                prefix = "poison-" if poison else "t"
+                self._push_one(f"{prefix}{self.config.seed}-{number}", rng)
                 if self.config.push_interval:
                     time.sleep(self.config.push_interval)
         finally:
@@ -167,6 +170,10 @@ class Workload:
             self.checker.delivered(token, message_id)
             if rng.random() < self.config.crash_rate:
                 continue  # a worker that took the lease and died
+            if token.startswith("poison-"):  # it fails every time: give it back
+                receipt = headers["dqid-receipt"]
+                self._request("POST", f"/nack/{message_id}?receipt={receipt}")
+                continue
             for _ in range(5):
                 ack = self._request("POST", f"/ack/{message_id}")
                 if ack is not None and ack[0] in (204, 404):
@@ -175,6 +182,30 @@ class Workload:
                 time.sleep(0.2)
 
     # -- the end -------------------------------------------------------------
+
+    def settle_held(self, max_seconds: float = 30.0) -> list[str]:
+        """What a person does with poison: find every held message (GET
+        /held on any node lists the cluster's), record its token as held,
+        and ack it.  The tokens, once no node holds any held message."""
+        found: list[str] = []
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline:
+            reply = self._request("GET", "/held?count=1000")
+            if reply is None or reply[0] != 200:
+                time.sleep(0.2)
+                continue
+            held = json.loads(reply[2])["messages"]
+            if not held:
+                return found
+            for entry in held:
+                peeked = self._request("GET", f"/messages/{entry['id']}")
+                if peeked is None or peeked[0] != 200:
+                    continue
+                token = peeked[2].decode()
+                self.checker.held(token)
+                found.append(token)
+                self._request("POST", f"/ack/{entry['id']}")
+        raise AssertionError(f"held messages left after {max_seconds}s")
 
     def drain(self, quiet_seconds: float = 2.0, max_seconds: float = 60.0) -> None:
         """After producing: consume until the cluster stays empty for
