@@ -1,7 +1,8 @@
 """Bearer tokens for the HTTP API (``--http-token-file``).
 
 :class:`BearerGate` stands in front of the API's resource: every request
-except ``GET /health`` and ``GET /ready`` (what load balancers probe) needs
+except ``GET /health`` and ``GET /ready`` (what load balancers probe) and
+``GET`` of the dashboard's files (``/ui``, ``/ui/dashboard.js``, ...) needs
 ``Authorization: Bearer TOKEN`` with one of the tokens, compared in
 constant time; any other request is answered ``401 {"error":
 "unauthorized"}`` with ``WWW-Authenticate: Bearer``, before it is routed.
@@ -15,9 +16,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from .http_io import json_body
+from .ui import UI_PATHS
 
-# What a load balancer may probe without a token.
-OPEN = frozenset({(b"GET", b"/health"), (b"GET", b"/ready")})
+# What a load balancer may probe without a token, and the dashboard's
+# static files (they hold no data; the page sends the token it is given).
+OPEN = frozenset({(b"GET", b"/health"), (b"GET", b"/ready"),
+                  *((b"GET", path) for path in UI_PATHS)})
 
 
 class Tokens(Protocol):

@@ -27,6 +27,7 @@ from .idempotency import IdempotencyConflict
 from .node import PushItem, PushResult, QueueNode
 from .lean_resource import LeanKleinResource
 from .queue import LeaseLost, Message, NotHeld, NotLeased, QueueFull, UnknownMessage
+from .ui import serve_asset
 
 
 DEFAULT_HELD_COUNT = 100
@@ -278,6 +279,13 @@ class HttpApi:
         if waiting is not None:
             return waiting.addCallback(lambda _: no_content(request))
         return no_content(request)
+
+    # -- the dashboard (dqid/ui.py) --------------------------------------------
+
+    @app.route("/ui", methods=["GET"], endpoint="ui_page")
+    @app.route("/ui/<name>", methods=["GET"], endpoint="ui_file")
+    def ui(self, request: IRequest, name: str | None = None) -> bytes:
+        return serve_asset(request, "/ui" if name is None else "/ui/" + name)
 
     # -- introspection -------------------------------------------------------
 

@@ -55,3 +55,22 @@ def test_the_token_lets_requests_through(client):
     assert response.code == 201 and node.queue.depth == 1
     response, _ = call(stub, "POST", "/push", token="bad-token", body=b"job")
     assert response.code == 401 and node.queue.depth == 1
+
+
+@pytest.mark.parametrize("path, content_type", [
+    ("/ui", "text/html"), ("/ui/dashboard.js", "text/javascript"),
+    ("/ui/dashboard.css", "text/css")])
+def test_the_dashboard_files_need_no_token(client, path, content_type):
+    stub, _ = client
+    response, body = call(stub, "GET", path)
+    assert response.code == 200 and body
+    assert response.headers.getRawHeaders("Content-Type")[0].startswith(content_type)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/cluster"), ("GET", "/held"), ("GET", "/messages/n.1.1"),
+    ("POST", "/kick/n.1.1"), ("POST", "/ui"), ("GET", "/ui/other"), ("GET", "/ui/")])
+def test_what_the_dashboard_reads_and_writes_needs_the_token(client, method, path):
+    stub, _ = client
+    response, _ = call(stub, method, path)
+    assert response.code == 401
