@@ -70,11 +70,11 @@ class Handlers(Protocol):
                      serving: bool) -> dict: ...
 
     def on_replicate(self, link: "PeerProtocol", owner: str, epoch: int,
-                     records: bytes) -> bool: ...
+                     records: bytes) -> bool | Deferred: ...
 
     def on_tombstones(self, tombstones: bytes) -> None: ...
 
-    def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]: ...
+    def on_ack(self, ids: list[str]) -> Deferred: ...
 
     def on_lease(self, message_id: str, change: LeaseChange) -> str: ...
 
@@ -289,13 +289,16 @@ class PeerProtocol(amp.AMP):
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
     @cmd.Replicate.responder
-    def replicate(self, owner: str, epoch: int, records: bytes) -> dict:
+    def replicate(self, owner: str, epoch: int, records: bytes) -> dict | Deferred:
         self._from_peer()
         try:
             checked_epoch(epoch)
-            return {"held": self.handlers.on_replicate(self, owner, epoch, records)}
+            held = self.handlers.on_replicate(self, owner, epoch, records)
         except WireError as error:
             raise self._bad_input(error, "Replicate") from None
+        if isinstance(held, Deferred):  # --data-dir: once the copies are on disk
+            return held.addCallback(lambda serving: {"held": serving})
+        return {"held": held}
 
     @cmd.Tombstones.responder
     def tombstones(self, tombstones: bytes) -> dict:
@@ -313,8 +316,9 @@ class PeerProtocol(amp.AMP):
             checked_count(len(ids), MAX_IDS)
         except WireError as error:
             raise self._bad_input(error, "Ack") from None
-        acked, unknown = self.handlers.on_ack(ids)
-        return {"acked": acked, "unknown": unknown}
+        answered = self.handlers.on_ack(ids)
+        return answered.addCallback(lambda outcome: {"acked": outcome[0],
+                                                     "unknown": outcome[1]})
 
     @cmd.Lease.responder
     def lease(self, id: str, action: str, receipt: str | None = None,

@@ -62,7 +62,7 @@ class Cluster:
         self.holdings = Holdings(node, clock)
         self.replicator = Replicator(
             self.links, self.holdings, node.readiness, lambda: node.epoch, clock, timings,
-            min_copies, self._call_failed, self._work_arrived, node.drain_changes)
+            min_copies, self._call_failed, self._work_arrived)
         self.router = Router(node, self.links, self.holdings, self.replicator, clock,
                              timings, self._call_failed)
         self.transfer = StateTransfer(node, self.links, self.holdings, clock, timings,
@@ -122,11 +122,11 @@ class Cluster:
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         await self.router.lease(message_id, mid, change)
 
-    def tombstone(self, message_id: str) -> None:
-        self.replicator.tombstone(message_id)
+    def tombstone(self, message_id: str) -> Deferred | None:
+        return self.replicator.tombstone(message_id)
 
-    def states_changed(self) -> None:
-        self.replicator.states_changed()
+    def states_changed(self, messages: list[Message]) -> None:
+        self.replicator.states_changed(messages)
 
     async def peek(self, message_id: str, mid: MessageId) -> tuple[Record, str]:
         return await self.router.peek(message_id, mid)
@@ -320,7 +320,7 @@ class Cluster:
     def on_tombstones(self, tombstones: bytes) -> None:
         self.replicator.on_tombstones(tombstones)
 
-    def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
+    def on_ack(self, ids: list[str]) -> Deferred:
         return self.router.on_ack(ids)
 
     def on_lease(self, message_id: str, change: LeaseChange) -> str:

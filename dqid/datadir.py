@@ -116,7 +116,8 @@ class Replay:
             gone = [i for i, record in held.items() if record.mid in tombstones]
             for message_id in gone:
                 del held[message_id]
-        self.states = {i: s for i, s in self.states.items() if i in self.own}
+        self.states = {i: s for i, s in self.states.items()
+                       if i in self.own or i in self.replicas}
 
     def snapshot_entries(self) -> list[Entry]:
         """Entries that replay to this same state."""

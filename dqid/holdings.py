@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from .amp_commands import StaleEpoch
 from .idempotency import body_digest
-from .ids import MessageId
+from .ids import MessageId, parse_id
 from .queue import PENDING, Message
 from .readiness import Readiness
 from .replica import Record, ReplicaStore, matching_ids
@@ -42,6 +43,20 @@ class OwnQueue(Protocol):
     def idempotency(self): ...  # noqa: ANN201 - an IdempotencyIndex
 
 
+class HoldingsJournal(Protocol):
+    """What Holdings keeps on disk with ``--data-dir`` (its Durability)."""
+
+    def replicas(self, records: Iterable[Record]) -> Deferred: ...
+
+    def tombstone(self, mid: MessageId) -> Deferred: ...
+
+    def tombstones(self, tombstones: Tombstones) -> Deferred: ...
+
+    def states(self, messages: Iterable[Record]) -> None: ...
+
+    def epochs(self, node: str, epoch: int, known: dict[str, int]) -> Deferred: ...
+
+
 class Holdings:
     def __init__(self, node: OwnQueue, clock: IReactorTime) -> None:
         self.node = node
@@ -50,6 +65,7 @@ class Holdings:
         self.store = ReplicaStore()
         # Own messages found on peers while recovering, queued once it ends.
         self.recovered: dict[str, Record] = {}
+        self.journal: HoldingsJournal | None = None  # None: nothing on disk
 
     def held(self, owner: str) -> int:
         return self.store.held(owner)
@@ -69,6 +85,12 @@ class Holdings:
         """Refuse ``owner`` at ``epoch`` if a newer epoch of it is known."""
         if epoch and epoch < self.known_epoch(owner):
             raise StaleEpoch(f"{owner} serves with a newer epoch")
+
+    def serve_as(self, epoch: int) -> None:
+        """This node serves as ``epoch`` from now on (kept on disk too)."""
+        self.store.note_epoch(self.me, epoch)
+        if self.journal is not None:
+            self.journal.epochs(self.me, epoch, self.store.epochs).addErrback(lambda f: None)
 
     def merge_epochs(self, epochs: dict[str, int]) -> int | None:
         """Note every epoch; a newer epoch of this node than the one it
@@ -95,14 +117,24 @@ class Holdings:
         """Union ``records`` in; how many peers' records were new.  Records
         that ``source`` owns carry its word on their state (deliveries, held,
         due), which replaces what is held here."""
-        added = 0
+        added, written = self.merge_replicated(records, source)
+        if written is not None:
+            written.addErrback(lambda f: None)  # the Durability logs a failed disk
+        return added
+
+    def merge_replicated(self, records: Iterable[Record], source: str | None = None
+                         ) -> tuple[int, Deferred | None]:
+        """:meth:`merge_records`, and a Deferred that fires once the new
+        copies are on disk (None without ``--data-dir`` or nothing new)."""
+        new: list[Record] = []
+        changed: list[Record] = []
         node = self.node
         store = self.store
         for record in records:
             mid = record.mid
             if mid.node != self.me:
                 if store.add(record):
-                    added += 1
+                    new.append(record)
                     if record.key is not None:
                         node.idempotency.remember(record.key, body_digest(record.body),
                                                   record.id)
@@ -111,6 +143,7 @@ class Holdings:
                     if held is not None:
                         held.deliveries, held.held, held.due = (
                             record.deliveries, record.held, record.due)
+                        changed.append(held)
                 continue
             if store.is_tombstoned(record.id):
                 continue
@@ -122,7 +155,13 @@ class Holdings:
             elif mid.epoch < node.epoch and record.id not in node.queue:
                 # Our own message from before a restart, reaching us late.
                 node.restore([record])
-        return added
+        written = None
+        if self.journal is not None:
+            if new:
+                written = self.journal.replicas(new)
+            if changed:
+                self.journal.states(changed)
+        return len(new), written
 
     def merge_states(self, states: Iterable[tuple[MessageId, str, int, bool, float | None]],
                      source: str) -> None:
@@ -135,6 +174,8 @@ class Holdings:
             record = self.store.get(message_id)
             if record is not None:
                 record.deliveries, record.held, record.due = deliveries, held, due
+                if self.journal is not None:
+                    self.journal.states([record])
 
     def snapshot(self) -> list[Record | Message]:
         """Every record held, own accepted messages first (for a sync)."""
@@ -149,12 +190,18 @@ class Holdings:
 
     # -- tombstones ----------------------------------------------------------
 
-    def tombstone(self, message_id: str) -> None:
-        """Write one tombstone here (an ack, a withdrawn push)."""
+    def tombstone(self, message_id: str) -> Deferred | None:
+        """Write one tombstone here (an ack, a withdrawn push); with
+        ``--data-dir``, a Deferred that fires once it is on disk."""
         self._released(self.store.tombstone(message_id))
         self.recovered.pop(message_id, None)
+        if self.journal is not None:
+            return self.journal.tombstone(parse_id(message_id))
+        return None
 
     def merge_tombstones(self, tombstones: Tombstones) -> None:
+        if self.journal is not None:
+            self.journal.tombstones(tombstones).addErrback(lambda f: None)
         for record in self.store.merge_tombstones(tombstones):
             self._released(record)
         for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:

@@ -9,7 +9,7 @@ HTTP, and of its cluster only the small :class:`Remote` protocol below.
 Operations, one name each: ``push`` (one message; ``push_many`` for a
 batch), ``get``, ``ack``, ``nack``, ``touch``.  Each answers at once when
 nothing has to wait for a peer (a value, or None) and otherwise returns a
-Deferred.  ``ack_own``/``nack_own``/``touch_own`` act on this node's own
+Deferred.  ``ack_own`` and ``change_own_lease`` act on this node's own
 queue only (a peer forwarded the request); ``apply_tombstone`` removes a
 message acked elsewhere.
 """
@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, NoReturn, Protocol, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,12 +55,13 @@ class Remote(Protocol):
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         """Nack, touch or kick a message owned by a peer."""
 
-    def tombstone(self, message_id: str) -> None:
-        """This node's message was acked: tell every holder."""
+    def tombstone(self, message_id: str) -> Deferred | None:
+        """This node's message was acked: tell every holder; a Deferred
+        when the tombstone must reach the disk first."""
 
-    def states_changed(self) -> None:
-        """Deliveries, held states or due times changed in this node's
-        queue (``drain_changes``): tell every holder."""
+    def states_changed(self, messages: list[Message]) -> None:
+        """Deliveries, held states or due times of ``messages`` changed:
+        tell every holder."""
 
     async def peek(self, message_id: str, mid: MessageId) -> tuple[Record, str]:
         """A message owned by a peer, and its state, changing nothing."""
@@ -73,6 +74,19 @@ class Remote(Protocol):
 
     def stop(self) -> None:
         """The node is shutting down."""
+
+
+class Journal(Protocol):
+    """What a node with ``--data-dir`` keeps on disk (its Durability)."""
+
+    def own(self, messages: Iterable[Message]) -> Deferred:
+        """New messages of this node: fires once they are on disk."""
+
+    def tombstone(self, mid: MessageId) -> Deferred:
+        """An own message gone: fires once that is on disk."""
+
+    def states(self, messages: Iterable[Message]) -> None:
+        """Deliveries, held states or due times changed."""
 
 
 class PushItem(NamedTuple):
@@ -106,6 +120,12 @@ class LongPoll:
     timer: IDelayedCall | None = None
 
 
+def _first_error(failure: Failure) -> Failure:
+    """The failure inside gatherResults' FirstError."""
+    failure.trap(FirstError)
+    return failure.value.subFailure
+
+
 class QueueNode:
     log = Logger()
 
@@ -129,6 +149,8 @@ class QueueNode:
         self.idempotency = IdempotencyIndex(idempotency_window)
         self.readiness = readiness if readiness is not None else Readiness()
         self.remote: Remote | None = None  # None: a standalone node
+        self.journal: Journal | None = None  # None: nothing on disk
+        self._publishing = False
         self._seq = 0
         self._id_prefix = ("", -1)  # (f"{node_id}.{epoch in base 36}.", epoch)
         self._long_polls: deque[LongPoll] = deque()
@@ -143,6 +165,13 @@ class QueueNode:
         self.remote = remote
         self.queue.changes = []
 
+    def keep_on_disk(self, journal: Journal) -> None:
+        """``--data-dir``: pushes, acks and state changes reach ``journal``
+        (and a push or an ack is answered only once it is on disk)."""
+        self.journal = journal
+        if self.queue.changes is None:
+            self.queue.changes = []
+
     def fence(self) -> None:
         """A newer incarnation of this node id serves: answer parked polls."""
         self._answer_all_long_polls()
@@ -152,8 +181,13 @@ class QueueNode:
         self.epoch = epoch
         self._seq = 0
 
-    def restore(self, records: Iterable[Record]) -> None:
-        """Queue recovered messages again: ready, leases void."""
+    def restore(self, records: Iterable[Record], keep: bool = True) -> None:
+        """Queue recovered messages again: ready (or held, or delayed, as
+        they were), leases void.  ``keep``: also write them to the disk
+        (they came from peers, not from this node's own data directory)."""
+        records = list(records)
+        if keep and self.journal is not None and records:
+            self.journal.own(records).addErrback(lambda f: None)  # failed() says it
         for record in records:
             self.queue.restore(record.id, record.body, record.content_type,
                                record.key, record.deliveries, held=record.held,
@@ -192,7 +226,7 @@ class QueueNode:
         if idempotency_key is not None:
             return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
         due = self._due(item.delay)
-        if self.remote is None:  # nothing to wait for
+        if self.remote is None and self.journal is None:  # nothing to wait for
             message = self.queue.push(self.new_id(), item.body, item.content_type, due=due)
             if due is not None:
                 self._schedule_wakeup(due)
@@ -259,16 +293,23 @@ class QueueNode:
         return waiting.addCallback(lambda _: result)
 
     def _accept(self, messages: list[Message]) -> Deferred | None:
-        """Replicate pending ``messages``, then make them ready: None when
-        that is done at once (no replication), else a Deferred that fires
-        then (or fails with NotReplicated, NotReady or CancelledError)."""
-        if self.remote is None:
+        """Replicate pending ``messages`` (and write them to disk), then
+        make them ready: None when that is done at once (no replication, no
+        disk), else a Deferred that fires then (or fails with
+        NotReplicated, NotReady or CancelledError)."""
+        if self.remote is None and self.journal is None:
             self._commit(messages)
             return None
         for message in messages:
             self._outcomes[message.id] = []
         try:
-            waiting = self.remote.replicate(messages)
+            waits = []
+            if self.journal is not None:
+                waits.append(self.journal.own(messages))
+            if self.remote is not None:
+                waits.append(self.remote.replicate(messages))
+            waiting = waits[0] if len(waits) == 1 else gatherResults(
+                waits, consumeErrors=True).addErrback(_first_error)
         except BaseException as reason:
             self._not_accepted(reason, messages)
         return waiting.addCallbacks(
@@ -309,6 +350,10 @@ class QueueNode:
     def _withdraw(self, message: Message) -> None:
         if message.id in self.queue and message.state == PENDING:
             self.queue.withdraw(message.id)
+            if self.journal is not None and self.remote is None:
+                # Its record may be on disk: the tombstone keeps it from coming
+                # back.  (In a cluster the replicator writes the tombstone.)
+                self.journal.tombstone(parse_id(message.id)).addErrback(lambda f: None)
         if message.key is not None:
             self.idempotency.discard(message.key, message.id)
 
@@ -435,8 +480,7 @@ class QueueNode:
         ack to the owner or writes a tombstone)."""
         message = self.queue.get(message_id)  # our queue holds our ids only
         if message is not None and message.state != PENDING and not self.readiness.fenced:
-            self.ack_own(message_id)
-            return None
+            return self.ack_own(message_id)
         return Deferred.fromCoroutine(self._ack_elsewhere(message_id))
 
     async def _ack_elsewhere(self, message_id: str) -> None:
@@ -448,18 +492,23 @@ class QueueNode:
             raise NotReady(self.readiness.refusal() or "fenced")
         message = self.queue.get(message_id)
         if message is not None and message.state != PENDING:
-            self.ack_own(message_id)
+            written = self.ack_own(message_id)
+            if written is not None:
+                await written
         elif self.remote is not None:
             await self.remote.ack(message_id, mid)
         else:
             raise UnknownMessage(message_id)
 
-    def ack_own(self, message_id: str) -> Message:
-        """Ack a message of this node's queue and tell the holders."""
-        message = self.apply_tombstone(message_id)
+    def ack_own(self, message_id: str) -> Deferred | None:
+        """Ack a message of this node's queue and tell the holders: None,
+        or a Deferred that fires once the tombstone is on disk."""
+        self.apply_tombstone(message_id)
         if self.remote is not None:
-            self.remote.tombstone(message_id)
-        return message
+            return self.remote.tombstone(message_id)
+        if self.journal is not None:
+            return self.journal.tombstone(parse_id(message_id))
+        return None
 
     def apply_tombstone(self, message_id: str) -> Message:
         """Remove a message of this node's queue that was acked (here, or
@@ -555,9 +604,21 @@ class QueueNode:
         return d.addCallback(lambda others: [*own, *others])
 
     def _changed(self) -> None:
-        """Tell the holders what changed in the queue (deliveries, held, due)."""
-        if self.queue.changes and self.remote is not None:
-            self.remote.states_changed()
+        """Tell the holders and the disk, at the end of this turn, what
+        changed in the queue (deliveries, held states, due times)."""
+        if self.queue.changes and not self._publishing:
+            self._publishing = True
+            self.clock.callLater(0, self._publish_changes)
+
+    def _publish_changes(self) -> None:
+        self._publishing = False
+        changed = self.drain_changes()
+        if not changed:
+            return
+        if self.remote is not None:
+            self.remote.states_changed(changed)
+        if self.journal is not None:
+            self.journal.states(changed)
 
     def drain_changes(self) -> list[Message]:
         """The messages whose replicated state changed since the last call,

@@ -105,6 +105,9 @@ class Options(usage.Options):
          _coercer("--visibility", "seconds, 0 < S <= 43200", _lease_seconds)],
         ["max-message-bytes", None, 262144, "Largest message body, in bytes",
          _coercer("--max-message-bytes", "a whole number >= 1", _positive_int)],
+        ["data-dir", None, None,
+         "Directory of this node's append-only log: every push and ack is on disk "
+         "(fsync) before it is answered [default: memory only]"],
         ["max-deliveries", None, 0,
          "Hold a message (never drop it) once it was delivered N times and its lease "
          "ends without an ack; 0: no limit",

@@ -68,12 +68,14 @@ class Lease(float):
 
     While a message is leased its ``deadline`` slot holds one of these: a
     float like any deadline, so the receipt takes room only in leased
-    messages, not a slot in every message.
+    messages, not a slot in every message.  It also keeps the message's
+    enqueue time (``entered``) while the lease lasts.
     """
 
-    __slots__ = ("receipt",)
+    __slots__ = ("receipt", "entered")
 
     receipt: str
+    entered: float | None
 
 
 class Message:
@@ -84,8 +86,9 @@ class Message:
     (:class:`TaggedMessage`).  Make messages with :func:`new_message`.
 
     ``deadline`` holds the time that matters in the message's state: the
-    lease's deadline (a :class:`Lease`, with its receipt) while leased, the
-    due time while delayed, and 0.0 otherwise.
+    lease's deadline (a :class:`Lease`, with its receipt and enqueue time)
+    while leased, the due time while delayed, the enqueue time while ready
+    or held (None when it was not told), and 0.0 while pending.
     """
 
     __slots__ = ("id", "body", "order", "deliveries", "state", "deadline")
@@ -181,6 +184,9 @@ class Counters:
 
 # Stale entries (acked in place) tolerated in a line before it is compacted.
 _SLACK = 64
+# Enqueue times this close to the last one share its float object: a queue
+# of many messages keeps few of them (and the age is at most this much off).
+STAMP_RESOLUTION = 0.1
 
 
 class WorkQueue:
@@ -208,7 +214,8 @@ class WorkQueue:
     __slots__ = ("size", "counters", "max_deliveries", "_messages", "_ready", "_ready_heap",
                  "_ready_count", "_ready_stale", "_leases", "_lease_heap", "_leased",
                  "_pending", "_next_order", "_receipt_prefix", "_leases_given", "_held",
-                 "_due_line", "_due_heap", "_delayed", "_pending_due", "changes")
+                 "_due_line", "_due_heap", "_delayed", "_pending_due", "_stamp",
+                 "changes")
 
     def __init__(
         self,
@@ -243,6 +250,7 @@ class WorkQueue:
         self._due_heap: list[tuple[float, Message]] = []
         self._delayed = 0
         self._pending_due: dict[str, float] = {}  # reserved with a due time
+        self._stamp: float | None = None  # the last enqueue time given out
         # When a list: every message whose deliveries, held state or due
         # time changed is appended (for replicas to learn); None: not kept.
         self.changes: list[Message] | None = None
@@ -359,9 +367,11 @@ class WorkQueue:
             seen.add(message_id)
         return [self.reserve(*entry) for entry in entries]
 
-    def commit(self, message_id: str, due: float | None = None) -> Message:
+    def commit(self, message_id: str, due: float | None = None, *,
+               now: float | None = None) -> Message:
         """A pending message is accepted: it becomes ready, or delayed until
-        ``due`` (given here or when it was reserved)."""
+        ``due`` (given here or when it was reserved).  ``now``: its enqueue
+        time (:meth:`oldest_ready_since`)."""
         message = self._messages.get(message_id)
         if message is None or message.state != PENDING:
             raise UnknownMessage(message_id)
@@ -372,7 +382,7 @@ class WorkQueue:
             if due is None:
                 due = reserved_due
         if due is None:
-            self._make_ready(message)
+            self._make_ready(message, self._stamped(now))
         else:
             self._delay(message, due)
         return message
@@ -395,14 +405,16 @@ class WorkQueue:
         content_type: str | None = None,
         key: str | None = None,
         due: float | None = None,
+        *,
+        now: float | None = None,
     ) -> Message:
         """Reserve and accept at once (no replication): ready, or delayed
-        until ``due``."""
+        until ``due``.  ``now``: its enqueue time."""
         message = self.reserve(message_id, body, content_type, key)
         self._pending -= 1
         self.counters.pushed += 1
         if due is None:
-            self._make_ready(message)
+            self._make_ready(message, self._stamped(now))
         else:
             self._delay(message, due)
         return message
@@ -418,9 +430,11 @@ class WorkQueue:
         *,
         held: bool = False,
         due: float | None = None,
+        now: float | None = None,
     ) -> Message:
         """Put back an accepted message (recovery), even over ``size``:
         held if ``held``, else delayed until ``due`` if given, else ready.
+        ``now``: its enqueue time here.
 
         Recovered messages were acknowledged to their producers, so they are
         never refused for lack of room.  ``order`` places them in line (the
@@ -436,11 +450,11 @@ class WorkQueue:
         message = new_message(message_id, body, content_type, order, key, deliveries)
         self._messages[message_id] = message
         if held:
-            self._hold(message)
+            self._hold(message, self._stamped(now))
         elif due is not None:
             self._delay(message, due)
         else:
-            self._make_ready(message)
+            self._make_ready(message, self._stamped(now))
         return message
 
     # -- delivery ------------------------------------------------------------
@@ -474,6 +488,7 @@ class WorkQueue:
         self._leases_given += 1
         lease = Lease(now + visibility)
         lease.receipt = self._receipt_prefix + format(self._leases_given, "x")
+        lease.entered = message.deadline  # the enqueue time, while ready
         message.deadline = lease
         self._leased += 1
         self._add_lease(lease, message.id)
@@ -557,6 +572,7 @@ class WorkQueue:
             raise NotLeased(message_id)
         lease = Lease(now + visibility)
         lease.receipt = message.deadline.receipt  # type: ignore[union-attr]
+        lease.entered = message.deadline.entered  # type: ignore[union-attr]
         message.deadline = lease
         self._add_lease(lease, message_id)
         self._lease_gone()  # the old deadline's entry
@@ -570,7 +586,7 @@ class WorkQueue:
         if message.state != HELD:
             raise NotHeld(message_id)
         del self._held[message_id]
-        self._make_ready(message)
+        self._make_ready(message, message.deadline)  # held: the enqueue time
         if self.changes is not None:
             self.changes.append(message)
         return message
@@ -610,7 +626,7 @@ class WorkQueue:
             self._delayed -= 1
             message.order = self._next_order
             self._next_order += 1
-            self._make_ready(message)
+            self._make_ready(message, message.deadline)  # enqueued when it was due
             promoted += 1
         return promoted
 
@@ -618,6 +634,25 @@ class WorkQueue:
         """:meth:`expire` and :meth:`promote_due`: what the node's one timer
         does when :meth:`next_wakeup` comes; how many messages changed."""
         return self.expire(now) + self.promote_due(now)
+
+    def oldest_ready_since(self) -> float | None:
+        """The enqueue time of the message first in the ready line (the
+        next one delivered): when it was pushed, restored or became due, as
+        the ``now`` of that call said (to :data:`STAMP_RESOLUTION`); a
+        message that comes back (lease over, kicked) keeps its time.  None
+        when nothing is ready, or that time was not told."""
+        if not self._ready_count:
+            return None
+        ready, heap = self._ready, self._ready_heap
+        while ready and ready[0].state != READY:  # as take() drops them
+            ready.popleft()
+            self._ready_stale -= 1
+        while heap and heap[0].state != READY:
+            heapq.heappop(heap)
+            self._ready_stale -= 1
+        if ready and (not heap or ready[0] < heap[0]):
+            return ready[0].deadline
+        return heap[0].deadline if heap else None
 
     def next_deadline(self) -> float | None:
         """The earliest live lease deadline, or None when nothing is leased."""
@@ -642,6 +677,18 @@ class WorkQueue:
 
     # -- state changes -----------------------------------------------------------
 
+    def _stamped(self, now: float | None) -> float | None:
+        """The enqueue time to keep for ``now``: the last one given out
+        when it is less than STAMP_RESOLUTION older (one float object for
+        many messages)."""
+        if now is None:
+            return None
+        last = self._stamp
+        if last is not None and 0.0 <= now - last < STAMP_RESOLUTION:
+            return last
+        self._stamp = now
+        return now
+
     def _holds_lease(self, message: Message, receipt: str, now: float | None) -> bool:
         """Is ``receipt`` the current lease's, not run out by ``now``?"""
         if message.state != LEASED:
@@ -653,25 +700,27 @@ class WorkQueue:
     def _lease_ended(self, message: Message, due: float | None) -> None:
         """A lease ended without an ack (the caller counts it)."""
         limit = self.max_deliveries
+        entered = getattr(message.deadline, "entered", None)
         if limit and message.deliveries >= limit:
-            self._hold(message)
+            self._hold(message, entered)
         elif due is not None:
             self._delay(message, due)
         else:
-            self._make_ready(message)
+            self._make_ready(message, entered)
 
-    def _hold(self, message: Message) -> None:
+    def _hold(self, message: Message, entered: float | None) -> None:
         message.state = HELD
-        message.deadline = 0.0
+        message.deadline = entered  # type: ignore[assignment]
         self._held[message.id] = message
         if self.changes is not None:
             self.changes.append(message)
 
     # -- the ready line --------------------------------------------------------
 
-    def _make_ready(self, message: Message) -> None:
+    def _make_ready(self, message: Message, entered: float | None) -> None:
+        """``entered``: the message's enqueue time (None: not known)."""
         message.state = READY
-        message.deadline = 0.0
+        message.deadline = entered  # type: ignore[assignment]
         self._ready_count += 1
         ready = self._ready
         if not ready or ready[-1].order < message.order:

@@ -21,6 +21,7 @@ class Phase(Enum):
     RECOVERING = "recovering"  # merging its state from peers; holds nothing yet
     SERVING = "serving"
     FENCED = "fenced"  # a newer incarnation of its id serves; it serves nothing
+    FAILED = "failed"  # its data directory failed: it takes no more writes
 
 
 class Readiness:

@@ -66,8 +66,7 @@ class Replicator:
     def __init__(self, links: Links, holdings: Holdings, readiness: Readiness,
                  epoch: Callable[[], int], clock: IReactorTime, timings: Timings,
                  min_copies: int, failed_call: Callable[[Failure, str, Peer], None],
-                 work_arrived: Callable[[], None],
-                 changes: Callable[[], list[Message]]) -> None:
+                 work_arrived: Callable[[], None]) -> None:
         self.links = links
         self.holdings = holdings
         self.readiness = readiness
@@ -80,8 +79,6 @@ class Replicator:
         self._batch: Batch | None = None
         self._lanes: dict[str, Lane] = {name: Lane() for name in links.peers}
         self._outgoing: Tombstones | None = None
-        self.changes = changes  # the node's messages whose state changed
-        self._states_due = False
 
     def in_flight(self, peer: str) -> int:
         """Replicate calls to ``peer`` not answered yet."""
@@ -219,33 +216,31 @@ class Replicator:
         self.holdings.note_epoch(owner, epoch)
         peer = self.links.peers[owner]
         peer.last_seen = self.links.now()
-        added = self.holdings.merge_records(decoded)
+        added, written = self.holdings.merge_replicated(decoded)
         if added:
             peer.ready_count += added
             self.clock.callLater(0, self.work_arrived)
+        if written is not None:  # --data-dir: held once the copies are on disk
+            return written.addCallback(lambda _: self.readiness.serving)
         return self.readiness.serving
 
     # -- tombstones ----------------------------------------------------------
 
-    def tombstone(self, message_id: str) -> None:
+    def tombstone(self, message_id: str) -> Deferred | None:
         """Write one tombstone here and send it to every peer (this turn's
-        tombstones go as one call per peer)."""
+        tombstones go as one call per peer); with ``--data-dir``, a
+        Deferred that fires once it is on disk here."""
         mid = parse_id(message_id)
-        self.holdings.tombstone(message_id)
+        written = self.holdings.tombstone(message_id)
         if self._outgoing is None:
             self._outgoing = Tombstones()
             self.clock.callLater(0, self.flush_tombstones)
         self._outgoing.add(mid.node, mid.epoch, mid.seq)
+        return written
 
-    def states_changed(self) -> None:
-        """The node's messages changed state: send it at the end of the turn."""
-        if not self._states_due:
-            self._states_due = True
-            self.clock.callLater(0, self.flush_states)
-
-    def flush_states(self) -> None:
-        self._states_due = False
-        changed = self.changes()
+    def states_changed(self, changed: list[Message]) -> None:
+        """The node's ``changed`` messages changed state (the node gathers
+        a turn's changes): send them to every linked peer."""
         if not changed:
             return
         payload = encode_states(changed)

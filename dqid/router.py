@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,7 +45,7 @@ class Owner(Protocol):
 
     readiness: Readiness
 
-    def ack_own(self, message_id: str) -> Message: ...
+    def ack_own(self, message_id: str) -> Deferred | None: ...
 
     def change_own_lease(self, message_id: str, change: LeaseChange) -> Message: ...
 
@@ -143,17 +143,22 @@ class Router:
         d = self.links.call(link, cmd.Ack, ids=list(pending))
         d.addCallbacks(answered, failed)
 
-    def on_ack(self, ids: list[str]) -> tuple[list[str], list[str]]:
+    def on_ack(self, ids: list[str]) -> Deferred:
+        """Ack our own ``ids``; answered once the tombstones are on disk
+        (``--data-dir``): fires with (acked, unknown)."""
         self._refuse_unless_serving()
-        acked, unknown = [], []
+        acked, unknown, writes = [], [], []
         for message_id in ids:
             try:
-                self.node.ack_own(message_id)
+                written = self.node.ack_own(message_id)
             except (UnknownMessage, ValueError):
                 unknown.append(message_id)
             else:
                 acked.append(message_id)
-        return acked, unknown
+                if written is not None:
+                    writes.append(written)
+        done = gatherResults(writes, consumeErrors=True) if writes else succeed(None)
+        return done.addCallback(lambda _: (acked, unknown))
 
     # -- nack, touch, kick, peek, held ----------------------------------------
 

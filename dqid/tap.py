@@ -16,8 +16,11 @@ from twisted.python.failure import Failure
 
 from .amp_protocol import PeerAuth, PeerFactory
 from .cluster import Cluster
+from .datadir import DataDirError, DataDirLocked
+from .durability import open_data_dir
 from .http_auth import BearerGate
 from .httpbody import bounded_site
+from .journal import CorruptLog
 from .node import QueueNode
 from .peers import peer_client
 from .timings import DEFAULT_TIMINGS, Timings
@@ -184,9 +187,17 @@ def makeService(config: Any, reactor: Any = None,
         max_batch_body=batch_body_limit(config["max-message-bytes"]),
     )
     top = MultiService()
+    cluster = Cluster(node, peers, reactor, config["min-copies"], timings) if peers else None
+    if config["data-dir"] is not None:
+        # Before the node: it stops after the node, writing what is asked.
+        holdings = cluster.holdings if cluster is not None else None
+        try:
+            disk = open_data_dir(config["data-dir"], node, holdings, reactor)
+        except (DataDirLocked, DataDirError, CorruptLog, OSError) as error:
+            raise SystemExit(f"dqid: error: --data-dir: {error}") from None
+        disk.setServiceParent(top)
     NodeService(node, config, reactor, timings).setServiceParent(top)
-    if peers:
-        cluster = Cluster(node, peers, reactor, config["min-copies"], timings)
+    if cluster is not None:
         ClusterService(cluster).setServiceParent(top)
         auth = PeerAuth(config["cluster-key"], node.node_id,
                         frozenset(p.node_id for p in peers), reactor, timings.call_timeout)

@@ -236,7 +236,7 @@ class StateTransfer:
             self._grace_timer.cancel()
         me = self.links.me
         epoch = max(self.holdings.known_epoch(me) + 1, int(self.links.now() * 1000))
-        self.holdings.note_epoch(me, epoch)
+        self.holdings.serve_as(epoch)
         recovered = self.holdings.take_recovered()
         self.node.start_epoch(epoch)
         self.node.readiness.set(Phase.SERVING)

@@ -125,6 +125,11 @@ class QueueChecker:
         with self._lock:
             return {t: o or "indeterminate" for t, o in self._outcome.items()}
 
+    def deliveries_by_token(self) -> dict[str, int]:
+        """How often each token was delivered so far."""
+        with self._lock:
+            return dict(self._deliveries)
+
     def held(self, token: str) -> None:
         """The message carrying ``token`` was found held at the end."""
         with self._lock:

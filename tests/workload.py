@@ -51,6 +51,7 @@ class Workload:
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
         self.push_timeouts = 0  # pushes with no answer (retried if keyed)
+        self.answered_204: set[str] = set()  # tokens whose ack was answered 204
 
     # -- running -------------------------------------------------------------
 
@@ -178,6 +179,9 @@ class Workload:
                 ack = self._request("POST", f"/ack/{message_id}")
                 if ack is not None and ack[0] in (204, 404):
                     self.checker.acked(token, message_id)
+                    if ack[0] == 204:
+                        with self._lock:
+                            self.answered_204.add(token)
                     break
                 time.sleep(0.2)
 

@@ -198,6 +198,16 @@ function renderMatrix(ids, nodes) {
     for (const owner of ids) row.append(matrixCell(holder, owner, nodes));
     return row;
   }));
+  $("#waiting").textContent = ids.filter((id) => !nodes[id].up)
+    .map((owner) => `${owner} is down: its queue waits on ${holdersOf(owner, ids, nodes)}.`)
+    .join(" ");
+}
+
+// "a (7), c (7)": the live peers holding copies of a down owner's messages.
+function holdersOf(owner, ids, nodes) {
+  const holders = ids.filter((id) => nodes[id].up && nodes[id].stats.peers && nodes[id].stats.peers[owner])
+    .map((id) => `${id} (${nodes[id].stats.peers[owner].held})`);
+  return holders.length ? holders.join(", ") : "no live peer";
 }
 
 function matrixCell(holder, owner, nodes) {
@@ -255,23 +265,33 @@ function renderRates() {
   }
 }
 
-// A polyline over the whole window, scaled to the series' peak (at least 1).
+// A line with the area under it, scaled to the series' peak (at least 1).
+// The newest value is at the right edge; the x axis spans at least a minute
+// and grows with the history up to HISTORY_SECONDS.
 function drawSparkline(svg, series) {
-  const width = 240, height = 32, slots = HISTORY_SECONDS * 1000 / POLL_MS;
+  const width = 240, height = 32;
+  const slots = Math.max(series.length, 60);
   const peak = Math.max(1, ...series);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("preserveAspectRatio", "none");
   const start = slots - series.length;
   const points = series.map((value, i) => {
     const x = ((start + i) / (slots - 1)) * width;
     const y = height - 2 - (value / peak) * (height - 4);
     return x.toFixed(1) + "," + y.toFixed(1);
   });
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", points.join(" "));
-  const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+  const line = svgElement("polyline", { points: points.join(" ") });
+  const area = svgElement("polygon", {
+    points: points.length ? `${points[0].split(",")[0]},${height} ${points.join(" ")} ${width},${height}` : "",
+  });
+  const title = svgElement("title", {});
   title.textContent = "peak " + peak.toFixed(1) + " /s";
-  svg.replaceChildren(title, line);
+  svg.replaceChildren(title, area, line);
+}
+
+function svgElement(tag, attributes) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
 }
 
 // -- held messages ------------------------------------------------------------------
@@ -305,8 +325,8 @@ async function peek(id) {
       body.textContent = await errorText(response);
       return;
     }
-    title.textContent = `message ${id} · ${response.headers.get("Dqid-State")} · ` +
-      `${response.headers.get("Dqid-Deliveries")} deliveries · ${response.headers.get("Content-Type")}`;
+    title.textContent = `message ${id} · state ${response.headers.get("Dqid-State")} · ` +
+      `deliveries ${response.headers.get("Dqid-Deliveries")} · ${response.headers.get("Content-Type")}`;
     body.textContent = bodyText(new Uint8Array(await response.arrayBuffer()));
   } catch (error) {
     body.textContent = error instanceof Unauthorized ? "a token is needed to peek" : error.message;
