@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, 
 
 from benchmarks.findings import Findings  # noqa: E402
 from benchmarks.flows import MAX_GET_COUNT, MAX_PUSH_BATCH  # noqa: E402
-from benchmarks.footprint import recover, rss_per_message  # noqa: E402
+from benchmarks.footprint import recover, recover_from_disk, rss_per_message  # noqa: E402
 from benchmarks.phases import run_target, servers_size  # noqa: E402
 from benchmarks.report import report, targets  # noqa: E402
 from benchmarks.servers import TARGETS, Fleet, start_all  # noqa: E402
@@ -71,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="messages per batch phase (default 100000, --quick 20000; "
                              "0: no batch phases)")
     parser.add_argument("--targets", default=",".join(TARGETS),
-                        help="comma-separated subset of bare,standalone,cluster")
+                        help="comma-separated subset of bare,standalone,cluster,standalone-disk,cluster-disk")
     parser.add_argument("--recover-count", type=int, default=None,
                         help="messages the replacement node recovers "
                              "(default 100000, --quick 20000; 0: skip)")
@@ -123,6 +123,8 @@ def measure(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> None:
             server.stop()
     if args.recover_count:
         findings.recovery = recover(findings, fleet, args)
+        if "standalone-disk" in args.targets or "cluster-disk" in args.targets:
+            findings.disk_recovery = recover_from_disk(findings, fleet, args)
     if args.rss_count:
         for body_size in RSS_BODY_SIZES:
             print(f"  rss: filling a fresh standalone node with {args.rss_count} "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 class Findings:
     results: list[dict] = field(default_factory=list)  # one per target and phase
     recovery: dict | None = None
+    disk_recovery: dict | None = None  # a standalone node replaying its --data-dir
     rss: list[dict] = field(default_factory=list)  # one per body size
     problems: list[str] = field(default_factory=list)
     remarks: list[str] = field(default_factory=list)

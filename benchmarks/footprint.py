@@ -71,6 +71,46 @@ def recover(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> dict:
     }
 
 
+def recover_from_disk(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> dict:
+    """A standalone node with --data-dir: push M, kill -9, start it again
+    on the same directory; time from process start to /ready and to
+    /stats depth == M (the replay of the log)."""
+    m = args.recover_count
+    node = fleet.standalone("disk", m + 1000, label="recovery-disk", disk=True)
+    node.start()
+    node.wait_for("/ready", 30, interval=0.01)
+    print(f"  recovery from disk: pushing {m} messages to a standalone node with "
+          f"--data-dir (POST /push/batch of {RECOVERY_FILL_BATCH})", flush=True)
+    result = run_phase("batch push", [node.http_port], True, args, [node.pid],
+                       count=m, batch=RECOVERY_FILL_BATCH)
+    depth_before = stats(node)["depth"]
+    node.kill()
+    again = fleet.standalone("disk", m + 1000, label="recovery-disk-again", disk=False)
+    again.args.append(f"--data-dir={node.workdir / 'disk-data'}")
+    again.start()
+    started = again.started_at
+    t_ready = t_depth = depth = None
+    deadline = started + args.phase_timeout
+    while time.monotonic() < deadline:
+        try:
+            if t_ready is None and again.http("GET", "/ready", timeout=2).status == 200:
+                t_ready = time.monotonic() - started
+                depth = stats(again)["depth"]
+                if depth == depth_before:
+                    t_depth = t_ready
+                    break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    if t_depth is None:
+        findings.note(f"recovery from disk: ready after {t_ready} s with depth {depth}, "
+                      f"not {depth_before}")
+    again.stop()
+    return {"messages": m, "fill_msgs_per_s": result["msgs_per_s"],
+            "depth_before_kill": depth_before, "seconds_to_ready": t_ready,
+            "seconds_to_depth": t_depth, "depth_seen": depth}
+
+
 def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
                     body_size: int) -> dict:
     """RSS growth of a fresh, warmed-up standalone node filled with

@@ -69,6 +69,18 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
     row("RSS overhead per queued 100 B message, standalone",
         None if rss is None else rss["bytes_per_message"] - rss["body_bytes"], 300, "<=", "B",
         f"RSS growth / {args.rss_count} messages, less the 100-byte body")
+    for phase in ("push", "e2e"):
+        disk_ratio = None
+        with_disk, without = found.get(("cluster-disk", phase)), found.get(("cluster", phase))
+        if with_disk and without and without["msgs_per_s"]:
+            disk_ratio = with_disk["msgs_per_s"] / without["msgs_per_s"]
+        row(f"cluster {phase} with --data-dir vs in memory", disk_ratio, 0.8, ">=", "x",
+            f"cluster-disk {phase} msgs/s / cluster {phase} msgs/s")
+    disk = findings.disk_recovery
+    row(f"restart replays {disk['messages'] if disk else 100000} messages from disk",
+        None if disk is None else disk["seconds_to_depth"], 5, "<", "s",
+        "standalone --data-dir, kill -9, process start -> /ready with every message",
+        failed=disk is not None and disk["seconds_to_depth"] is None)
     rec = findings.recovery
     row(f"replacement recovers {rec['messages'] if rec else 100000} messages",
         None if rec is None else rec["seconds_to_depth"], 10, "<", "s",
@@ -78,14 +90,14 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
 
 
 def table(results: list[dict]) -> list[str]:
-    header_line = (f"{'target':<11}{'phase':<14}{'msgs/s':>9}{'req/s':>8}{'p50 ms':>9}"
+    header_line = (f"{'target':<16}{'phase':<14}{'msgs/s':>9}{'req/s':>8}{'p50 ms':>9}"
                    f"{'p99 ms':>9}{'x bare':>8}{'x 1-msg':>8}{'srv cpu':>9}{'cli cpu':>9}"
                    f"{'errors':>7}")
     lines = [header_line, "-" * len(header_line)]
     add_ratios(results)
     for r in results:
         lines.append(
-            f"{r['target']:<11}{r['phase']:<14}{fmt(r['msgs_per_s'], '.0f', 9)}"
+            f"{r['target']:<16}{r['phase']:<14}{fmt(r['msgs_per_s'], '.0f', 9)}"
             f"{fmt(r['req_per_s'], '.0f', 8)}{fmt(r['p50_ms'], '.2f', 9)}"
             f"{fmt(r['p99_ms'], '.2f', 9)}{fmt(r['ratio_to_bare'], '.2f', 8)}"
             f"{fmt(r['ratio_to_single'], '.1f', 8)}"
@@ -118,13 +130,13 @@ def latencies(results: list[dict]) -> list[str]:
         for r in mixed:
             kinds = "   ".join(f"{k} {v['p50_ms']:6.2f} / {v['p99_ms']:6.2f}"
                                for k, v in r["by_request"].items())
-            lines.append(f"  {r['target']:<11}{r['phase']:<14}{kinds}")
+            lines.append(f"  {r['target']:<16}{r['phase']:<14}{kinds}")
     e2e = [r for r in results if r["phase"] == "e2e" and r["delivery_p50_ms"] is not None]
     if e2e:
         lines += ["", "e2e delivery latency (push sent -> consumer holds the body) and "
                       "empty gets (204, consumer backs off):"]
         for r in e2e:
-            lines.append(f"  {r['target']:<11} p50 {r['delivery_p50_ms']:8.2f} ms   "
+            lines.append(f"  {r['target']:<16} p50 {r['delivery_p50_ms']:8.2f} ms   "
                          f"p99 {r['delivery_p99_ms']:8.2f} ms   empty gets {r['empty_gets']}")
     return lines
 
@@ -146,6 +158,15 @@ def footprint(findings: Findings, args: argparse.Namespace) -> list[str]:
         if findings.rss:
             lines.append(f"  (for scale: an empty standalone node, started alone, answers "
                          f"/ready {findings.rss[0]['startup_seconds']:.2f} s after its start)")
+    disk = findings.disk_recovery
+    if disk:
+        lines += [
+            "",
+            f"Recovery from disk (standalone, --data-dir): {disk['messages']} messages pushed "
+            f"({disk['fill_msgs_per_s']:.0f} msgs/s), kill -9, the same directory again:",
+            f"  process start -> /ready 200 with depth {disk['messages']}: "
+            f"{fmt(disk['seconds_to_depth'], '.2f', 7)} s",
+        ]
     if findings.rss:
         fill = (f"POST /push/batch of {RSS_FILL_BATCH}" if args.rss_fill == "batch"
                 else "POST /push")

@@ -16,7 +16,7 @@ from tests.cluster import LocalCluster
 from tests.procs import TWISTD, DqidProcess
 from tests.tls_certs import Pki, make_pki
 
-TARGETS = ("bare", "standalone", "cluster")
+TARGETS = ("bare", "standalone", "cluster", "standalone-disk", "cluster-disk")
 CLUSTER_IDS = ("a", "b", "c")
 MIN_COPIES = 3
 BARE_PROGRAM = Path(__file__).with_name("bare.py")
@@ -97,21 +97,32 @@ class Fleet:
         (self.workdir / name).mkdir(parents=True)
         return Pool(self, self.workdir / name)
 
-    def standalone(self, node_id: str, size: int, label: str = "standalone") -> DqidProcess:
-        return self.pool(label).node(node_id, f"--size={size}")
+    def standalone(self, node_id: str, size: int, label: str = "standalone",
+                   disk: bool = False) -> DqidProcess:
+        pool = self.pool(label)
+        data = [f"--data-dir={pool.workdir / (node_id + '-data')}"] if disk else []
+        return pool.node(node_id, f"--size={size}", *data)
 
-    def cluster(self, label: str, size: int) -> LocalCluster:
-        """Three nodes that know each other, ``--min-copies=3``."""
-        return LocalCluster(self.pool(label), CLUSTER_IDS, f"--size={size}",
-                            f"--min-copies={MIN_COPIES}", node_args=self.node_args)
+    def cluster(self, label: str, size: int, disk: bool = False) -> LocalCluster:
+        """Three nodes that know each other, ``--min-copies=3`` (with
+        ``disk``: each with its ``--data-dir``)."""
+        pool = self.pool(label)
+
+        def node_args(node_id: str) -> list[str]:
+            data = [f"--data-dir={pool.workdir / (node_id + '-data')}"] if disk else []
+            return self.node_args(node_id) + data
+
+        return LocalCluster(pool, CLUSTER_IDS, f"--size={size}",
+                            f"--min-copies={MIN_COPIES}", node_args=node_args)
 
     def target(self, target: str, size: int) -> list[DqidProcess]:
         """Fresh (not yet started) processes for a benchmark target."""
+        disk = target.endswith("-disk")
         if target == "bare":
             return [self.pool("bare").bare()]
-        if target == "standalone":
-            return [self.standalone("solo", size)]
-        return list(self.cluster("cluster", size).nodes.values())
+        if target.startswith("standalone"):
+            return [self.standalone("solo", size, label=target, disk=disk)]
+        return list(self.cluster(target, size, disk=disk).nodes.values())
 
     def stop_all(self) -> None:
         for process in self.processes:
