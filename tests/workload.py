@@ -52,6 +52,7 @@ class Workload:
         self.errors: list[str] = []
         self.push_timeouts = 0  # pushes with no answer (retried if keyed)
         self.answered_204: set[str] = set()  # tokens whose ack was answered 204
+        self.held_tokens: list[str] = []  # found held at the end (settle_held)
 
     # -- running -------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class Workload:
                 continue
             held = json.loads(reply[2])["messages"]
             if not held:
+                self.held_tokens = found
                 return found
             for entry in held:
                 peeked = self._request("GET", f"/messages/{entry['id']}")
