@@ -146,7 +146,9 @@ function nodeRow(id, entry) {
   }
   row.append(el("td", stats.epoch, "epoch"), depthCell(stats.depth, stats.size));
   for (const name of ["ready", "leased", "delayed", "held"]) row.append(el("td", stats[name], name));
-  row.append(el("td", age(stats.oldest_ready_age_seconds), "oldest"));
+  // /stats names it oldest_ready_age (seconds); nothing ready: no age.
+  const oldest = stats.oldest_ready_age ?? stats.oldest_ready_age_seconds;
+  row.append(el("td", stats.ready > 0 ? age(oldest) : "—", "oldest"));
   return row;
 }
 
