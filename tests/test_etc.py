@@ -33,6 +33,7 @@ def test_systemd_unit_options_parse(tmp_path: Path) -> None:
     assert options["node-id"] == "n1"
     assert [p.node_id for p in options["peers"]] == ["n2", "n3"]
     assert options["min-copies"] == 3
+    assert options["data-dir"] == "/var/lib/dqid"  # systemd's StateDirectory=dqid
 
 
 def _free_base() -> int:
