@@ -81,6 +81,8 @@ class Hello(amp.Command):
     """First call on a connection: versions, ids, cluster membership, epoch.
 
     ``epoch`` 0 means the caller is still recovering and has none yet.
+    ``software`` (both ways) is the dqid release, for the log; optional, so
+    a peer that does not send it still speaks protocol 2.
     """
 
     arguments = [
@@ -89,12 +91,14 @@ class Hello(amp.Command):
         (b"node", amp.Unicode()),
         (b"epoch", amp.Integer()),
         (b"cluster", amp.ListOf(amp.Unicode())),
+        (b"software", amp.Unicode(optional=True)),
     ]
     response = [
         (b"version", amp.Integer()),
         (b"node", amp.Unicode()),
         (b"epoch", amp.Integer()),
         (b"serving", amp.Boolean()),
+        (b"software", amp.Unicode(optional=True)),
     ]
     errors = {
         ClusterMismatch: b"CLUSTER_MISMATCH",
@@ -247,3 +251,11 @@ class SyncPage(amp.Command):
     arguments = [(b"token", amp.Unicode())]
     response = [(b"records", Chunked()), (b"more", amp.Boolean())]
     errors = {UnknownSync: b"UNKNOWN_SYNC", **COMMON_ERRORS}
+
+
+class NodeStats(amp.Command):
+    """The callee's ``/stats`` as a JSON object (for ``GET /cluster``)."""
+
+    arguments: list = []
+    response = [(b"stats", Chunked())]
+    errors = dict(COMMON_ERRORS)

@@ -92,6 +92,8 @@ class Handlers(Protocol):
 
     def on_sync_page(self, token: str) -> dict: ...
 
+    def on_node_stats(self) -> bytes: ...
+
 
 class PeerProtocol(amp.AMP):
     log = Logger()
@@ -105,6 +107,7 @@ class PeerProtocol(amp.AMP):
         self.peer_id: str | None = None
         self.peer_epoch = 0
         self.version = 0
+        self.software: str | None = None  # the peer's dqid release, from Hello
         self.authenticated = False  # the other side proved the cluster key
         self._handshake: DiallerHandshake | ListenerHandshake | None = None
         self._auth_timer: IDelayedCall | None = None
@@ -258,7 +261,7 @@ class PeerProtocol(amp.AMP):
 
     @cmd.Hello.responder
     def hello(self, version_min: int, version_max: int, node: str, epoch: int,
-              cluster: list[str]) -> dict:
+              cluster: list[str], software: str | None = None) -> dict:
         try:
             checked_node_id(node)
             checked_epoch(epoch)
@@ -266,6 +269,9 @@ class PeerProtocol(amp.AMP):
                 checked_node_id(member)
         except WireError as error:
             raise self._bad_input(error, "Hello") from None
+        # Only logged: kept short and printable (None from an older dqid).
+        self.software = None if software is None else "".join(
+            c for c in software[:64] if c.isprintable())
         return self.handlers.on_hello(self, version_min, version_max, node, epoch, cluster)
 
     @cmd.Announce.responder
@@ -391,6 +397,11 @@ class PeerProtocol(amp.AMP):
     def sync_page(self, token: str) -> dict:
         self._from_peer()
         return self.handlers.on_sync_page(token)
+
+    @cmd.NodeStats.responder
+    def node_stats(self) -> dict:
+        self._from_peer()
+        return {"stats": self.handlers.on_node_stats()}
 
 
 class PeerFactory(Factory):

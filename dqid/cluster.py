@@ -32,7 +32,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import __version__
 from . import amp_commands as cmd
+from .cluster_view import ClusterView
 from .holdings import Holdings
 from .ids import MessageId
 from .links import Links
@@ -67,6 +69,8 @@ class Cluster:
                              timings, self._call_failed)
         self.transfer = StateTransfer(node, self.links, self.holdings, clock, timings,
                                       min_copies, self._fence, self._announce)
+        self.view = ClusterView(self.me, node.stats, self.links, timings.cluster_stats_timeout)
+        self._software: dict[str, str | None] = {}  # each peer's dqid release, as logged
         self.links.events = self
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
@@ -164,7 +168,7 @@ class Cluster:
         epoch = self.epoch
         d = self.links.call(
             link, cmd.Hello, version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
-            node=self.me, epoch=epoch, cluster=self.links.members,
+            node=self.me, epoch=epoch, cluster=self.links.members, software=__version__,
         )
         d.addCallbacks(self._hello_answered, self._hello_failed,
                        callbackArgs=(link, epoch), errbackArgs=(link,))
@@ -184,6 +188,7 @@ class Cluster:
             link.transport.loseConnection()
             return
         link.version = answer["version"]
+        self._note_software(answer["node"], answer.get("software"), link.version)
         self._link_up(link, answer["node"], epoch, answer["serving"])
         if self.serving and self.epoch != sent_epoch:
             # Recovery finished while this Hello was in flight, so the
@@ -225,9 +230,18 @@ class Cluster:
             raise cmd.ClusterMismatch(f"cluster is {','.join(self.links.members)}")
         self.holdings.check_epoch(node, epoch)
         link.version = version
+        self._note_software(node, getattr(link, "software", None), version)
         self._link_up(link, node, epoch, epoch > 0)
         return {"version": version, "node": self.me, "epoch": self.epoch,
-                "serving": self.serving}
+                "serving": self.serving, "software": __version__}
+
+    def _note_software(self, node: str, software: str | None, protocol: int) -> None:
+        """Log the dqid release a peer runs, when first heard or changed."""
+        if node in self._software and self._software[node] == software:
+            return
+        self._software[node] = software
+        self.log.info("peer {peer} runs dqid {software} (protocol {protocol})",
+                      peer=node, software=software or "(not said)", protocol=protocol)
 
     def _link_up(self, link: Link, node: str, epoch: int, serving: bool) -> None:
         if epoch:
@@ -346,3 +360,6 @@ class Cluster:
 
     def on_sync_page(self, token: str) -> dict:
         return self.transfer.on_sync_page(token)
+
+    def on_node_stats(self) -> bytes:
+        return self.view.on_node_stats()

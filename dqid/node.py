@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import __version__
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
 from .ids import MessageId, parse_id, to_base36
@@ -188,10 +189,11 @@ class QueueNode:
         records = list(records)
         if keep and self.journal is not None and records:
             self.journal.own(records).addErrback(lambda f: None)  # failed() says it
+        now = self.clock.seconds()
         for record in records:
             self.queue.restore(record.id, record.body, record.content_type,
                                record.key, record.deliveries, held=record.held,
-                               due=record.due)
+                               due=record.due, now=now)
             if record.key is not None:
                 self.idempotency.remember(record.key, body_digest(record.body), record.id)
         self._schedule_wakeup()
@@ -227,7 +229,8 @@ class QueueNode:
             return Deferred.fromCoroutine(self._push_with_key(item, idempotency_key))
         due = self._due(item.delay)
         if self.remote is None and self.journal is None:  # nothing to wait for
-            message = self.queue.push(self.new_id(), item.body, item.content_type, due=due)
+            message = self.queue.push(self.new_id(), item.body, item.content_type, due=due,
+                                      now=self.clock.seconds())
             if due is not None:
                 self._schedule_wakeup(due)
             elif self._long_polls:
@@ -338,9 +341,10 @@ class QueueNode:
 
     def _commit(self, messages: list[Message]) -> None:
         commit = self.queue.commit
+        now = self.clock.seconds()
         delayed = False
         for message in messages:
-            if commit(message.id).state == DELAYED:
+            if commit(message.id, now=now).state == DELAYED:
                 delayed = True
         if delayed:
             self._schedule_wakeup()
@@ -679,6 +683,12 @@ class QueueNode:
             poll.timer = None
             poll.deferred.callback([])
 
+    def oldest_ready_age(self) -> float:
+        """Seconds (to the millisecond) since the message next in line was
+        enqueued; 0 when nothing is ready."""
+        since = self.queue.oldest_ready_since()
+        return 0.0 if since is None else round(max(0.0, self.clock.seconds() - since), 3)
+
     def stats(self) -> dict[str, Any]:
         queue = self.queue
         reason = self.readiness.reason()
@@ -686,6 +696,7 @@ class QueueNode:
             "min_copies": 1, "peers": {}}
         return {
             "node": self.node_id,
+            "version": __version__,
             "epoch": self.epoch,
             "ready_to_serve": reason is None,
             "not_ready_reason": reason,
@@ -695,6 +706,7 @@ class QueueNode:
             "leased": queue.leased,
             "delayed": queue.delayed,
             "held": queue.held,
+            "oldest_ready_age": self.oldest_ready_age() if queue.ready else None,
             "max_deliveries": queue.max_deliveries,
             "pending": queue.pending,
             "min_copies": remote["min_copies"],

@@ -75,7 +75,7 @@ class Lease(float):
     __slots__ = ("receipt", "entered")
 
     receipt: str
-    entered: float | None
+    entered: float
 
 
 class Message:
@@ -88,7 +88,7 @@ class Message:
     ``deadline`` holds the time that matters in the message's state: the
     lease's deadline (a :class:`Lease`, with its receipt and enqueue time)
     while leased, the due time while delayed, the enqueue time while ready
-    or held (None when it was not told), and 0.0 while pending.
+    or held (0.0 when it was not told), and 0.0 while pending.
     """
 
     __slots__ = ("id", "body", "order", "deliveries", "state", "deadline")
@@ -250,7 +250,7 @@ class WorkQueue:
         self._due_heap: list[tuple[float, Message]] = []
         self._delayed = 0
         self._pending_due: dict[str, float] = {}  # reserved with a due time
-        self._stamp: float | None = None  # the last enqueue time given out
+        self._stamp = 0.0  # the last enqueue time given out
         # When a list: every message whose deliveries, held state or due
         # time changed is appended (for replicas to learn); None: not kept.
         self.changes: list[Message] | None = None
@@ -640,7 +640,7 @@ class WorkQueue:
         next one delivered): when it was pushed, restored or became due, as
         the ``now`` of that call said (to :data:`STAMP_RESOLUTION`); a
         message that comes back (lease over, kicked) keeps its time.  None
-        when nothing is ready, or that time was not told."""
+        when nothing is ready; 0.0 when that time was not told."""
         if not self._ready_count:
             return None
         ready, heap = self._ready, self._ready_heap
@@ -677,14 +677,14 @@ class WorkQueue:
 
     # -- state changes -----------------------------------------------------------
 
-    def _stamped(self, now: float | None) -> float | None:
-        """The enqueue time to keep for ``now``: the last one given out
-        when it is less than STAMP_RESOLUTION older (one float object for
-        many messages)."""
+    def _stamped(self, now: float | None) -> float:
+        """The enqueue time to keep for ``now`` (0.0: not told): the last
+        one given out when it is less than STAMP_RESOLUTION older (one
+        float object for many messages)."""
         if now is None:
-            return None
+            return 0.0
         last = self._stamp
-        if last is not None and 0.0 <= now - last < STAMP_RESOLUTION:
+        if 0.0 <= now - last < STAMP_RESOLUTION:
             return last
         self._stamp = now
         return now
@@ -700,7 +700,7 @@ class WorkQueue:
     def _lease_ended(self, message: Message, due: float | None) -> None:
         """A lease ended without an ack (the caller counts it)."""
         limit = self.max_deliveries
-        entered = getattr(message.deadline, "entered", None)
+        entered = getattr(message.deadline, "entered", 0.0)
         if limit and message.deliveries >= limit:
             self._hold(message, entered)
         elif due is not None:
@@ -708,19 +708,19 @@ class WorkQueue:
         else:
             self._make_ready(message, entered)
 
-    def _hold(self, message: Message, entered: float | None) -> None:
+    def _hold(self, message: Message, entered: float) -> None:
         message.state = HELD
-        message.deadline = entered  # type: ignore[assignment]
+        message.deadline = entered
         self._held[message.id] = message
         if self.changes is not None:
             self.changes.append(message)
 
     # -- the ready line --------------------------------------------------------
 
-    def _make_ready(self, message: Message, entered: float | None) -> None:
-        """``entered``: the message's enqueue time (None: not known)."""
+    def _make_ready(self, message: Message, entered: float) -> None:
+        """``entered``: the message's enqueue time (0.0: not known)."""
         message.state = READY
-        message.deadline = entered  # type: ignore[assignment]
+        message.deadline = entered
         self._ready_count += 1
         ready = self._ready
         if not ready or ready[-1].order < message.order:

@@ -177,7 +177,9 @@ def makeService(config: Any, reactor: Any = None,
         idempotency_window=timings.idempotency_window,
         max_deliveries=config["max-deliveries"],
     )
-    api = HttpApi(node, config["max-message-bytes"])
+    cluster = Cluster(node, peers, reactor, config["min-copies"], timings) if peers else None
+    api = HttpApi(node, config["max-message-bytes"],
+                  cluster=cluster.view if cluster is not None else None)
     resource: Any = api.resource()
     if config["http-tokens"] is not None:
         resource = BearerGate(resource, config["http-tokens"])
@@ -187,7 +189,6 @@ def makeService(config: Any, reactor: Any = None,
         max_batch_body=batch_body_limit(config["max-message-bytes"]),
     )
     top = MultiService()
-    cluster = Cluster(node, peers, reactor, config["min-copies"], timings) if peers else None
     if config["data-dir"] is not None:
         # Before the node: it stops after the node, writing what is asked.
         holdings = cluster.holdings if cluster is not None else None

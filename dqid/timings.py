@@ -36,6 +36,8 @@ class Timings:
     idempotency_window: float = 300.0
     # After SIGTERM, how long answered long polls get to flush.
     shutdown_grace: float = 0.2
+    # GET /cluster: a peer that has not answered NodeStats by then is down.
+    cluster_stats_timeout: float = 1.0
 
 
 DEFAULT_TIMINGS = Timings()

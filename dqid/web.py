@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from typing import Any, Protocol
+
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
@@ -23,14 +25,23 @@ from .http_io import (
     encode_held, encode_message, int_arg, json_body, no_content, number_arg, read_body,
     text_arg,
 )
+from .cluster_view import local_view
 from .idempotency import IdempotencyConflict
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, NodeMetrics
 from .node import PushItem, PushResult, QueueNode
 from .lean_resource import LeanKleinResource
+from .openapi import openapi_document
 from .queue import LeaseLost, Message, NotHeld, NotLeased, QueueFull, UnknownMessage
 from .ui import serve_asset
 
 
 DEFAULT_HELD_COUNT = 100
+
+
+class ClusterStats(Protocol):
+    """What ``GET /cluster`` asks of a cluster node (a ClusterView)."""
+
+    def gather(self) -> Deferred: ...
 
 
 def _translate(failure: Failure) -> ApiError:
@@ -93,9 +104,13 @@ class HttpApi:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node: QueueNode, max_message_bytes: int) -> None:
+    def __init__(self, node: QueueNode, max_message_bytes: int, *,
+                 cluster: ClusterStats | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         self.node = node
         self.max_message_bytes = max_message_bytes
+        self.cluster = cluster  # None: a standalone node
+        self.metrics = metrics if metrics is not None else NodeMetrics(node)
 
     def resource(self) -> LeanKleinResource:
         return LeanKleinResource(self.app, self._error)
@@ -107,6 +122,8 @@ class HttpApi:
         if failure.check(CancelledError):
             return None  # the client went away; nobody is listening
         error = _translate(failure)
+        if error.code == "not_replicated":
+            self.metrics.count_not_replicated()
         if error.status >= 500 and error.code == "internal":
             self.log.failure("unhandled error in {method} {path}", failure,
                              method=request.method, path=request.path)
@@ -125,6 +142,22 @@ class HttpApi:
 
     @app.route("/push", methods=["POST"])
     def push(self, request: IRequest) -> bytes | Deferred:
+        started = self.node.clock.seconds()
+        try:
+            result = self._push(request)
+        except BaseException:
+            self._push_answered(None, started)
+            raise
+        if isinstance(result, bytes):
+            return self._push_answered(result, started)
+        return result.addBoth(self._push_answered, started)
+
+    def _push_answered(self, result: Any, started: float) -> Any:
+        """dqid_push_seconds: from the request to its answer, any answer."""
+        self.metrics.observe_push(self.node.clock.seconds() - started)
+        return result
+
+    def _push(self, request: IRequest) -> bytes | Deferred:
         body = read_body(request, self.max_message_bytes)
         if not body:
             raise bad_request("the message body is empty", "empty_message")
@@ -145,9 +178,13 @@ class HttpApi:
 
     @app.route("/push/batch", methods=["POST"])
     async def push_batch(self, request: IRequest) -> bytes:
-        raw = read_body(request, batch_body_limit(self.max_message_bytes))
-        items = decode_batch(raw, self.max_message_bytes)
-        result = await maybeDeferred(self.node.push_many, items)
+        started = self.node.clock.seconds()
+        try:
+            raw = read_body(request, batch_body_limit(self.max_message_bytes))
+            items = decode_batch(raw, self.max_message_bytes)
+            result = await maybeDeferred(self.node.push_many, items)
+        finally:
+            self._push_answered(None, started)
         return json_body(request, 201, {"ids": result.ids})
 
     @staticmethod
@@ -292,6 +329,21 @@ class HttpApi:
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
         return json_body(request, 200, self.node.stats())
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        return answer(request, 200, self.metrics.render(), METRICS_CONTENT_TYPE.encode("ascii"))
+
+    @app.route("/cluster", methods=["GET"])
+    def cluster_stats(self, request: IRequest) -> bytes | Deferred:
+        if self.cluster is None:
+            return json_body(request, 200, local_view(self.node.node_id, self.node.stats()))
+        return self.cluster.gather().addCallback(
+            lambda document: json_body(request, 200, document))
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return answer(request, 200, openapi_document())
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
