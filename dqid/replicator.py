@@ -243,25 +243,23 @@ class Replicator:
         a turn's changes): send them to every linked peer."""
         if not changed:
             return
-        payload = encode_states(changed)
-        for peer in self.links.linked():
-            link = peer.link()
-            assert link is not None
-            d = self.links.call(link, cmd.States, states=payload)
-            d.addErrback(self.failed_call, "states", peer)
+        self._to_every_linked_peer(cmd.States, "states", states=encode_states(changed))
 
     def flush_tombstones(self) -> None:
         tombstones, self._outgoing = self._outgoing, None
         if tombstones is None:
             return
-        payload = encode_tombstones(tombstones)
-        # Every peer with a link, even one whose heartbeat is late: a missed
-        # tombstone is only restored by anti-entropy.
+        self._to_every_linked_peer(cmd.Tombstones, "tombstones",
+                                   tombstones=encode_tombstones(tombstones))
+
+    def _to_every_linked_peer(self, command: type, what: str, **arguments: bytes) -> None:
+        """Every peer with a link, even one whose heartbeat is late: what
+        misses a peer is only restored by anti-entropy."""
         for peer in self.links.linked():
             link = peer.link()
             assert link is not None
-            d = self.links.call(link, cmd.Tombstones, tombstones=payload)
-            d.addErrback(self.failed_call, "tombstones", peer)
+            d = self.links.call(link, command, **arguments)
+            d.addErrback(self.failed_call, what, peer)
 
     def on_tombstones(self, payload: bytes) -> None:
         self.holdings.merge_tombstones(decode_tombstones(payload))
