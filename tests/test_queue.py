@@ -1015,6 +1015,18 @@ def test_delayed_messages_due_together_join_in_due_then_line_order():
     assert drain(queue, 10.0) == ["y", "z", "w", "x"]
 
 
+def test_no_delayed_message_joins_a_moment_before_it_is_due():
+    queue = WorkQueue(10)
+    queue.push("in-order", b"", due=10.0)
+    queue.push("earlier", b"", due=5.0)  # due before one already waiting
+    queue.push("later", b"", due=20.0)
+    assert queue.promote_due(4.999) == 0
+    assert queue.promote_due(5.0) == 1 and queue.get("earlier").state == READY
+    assert queue.promote_due(9.999) == 0
+    assert queue.promote_due(19.999) == 1 and queue.get("later").state == DELAYED
+    assert drain(queue, 19.999) == ["earlier", "in-order"]
+
+
 def test_nack_with_a_delay_retries_after_it_at_the_end_of_the_line():
     queue = filled(5, "a", "b")
     receipt = queue.take(0.0, 10.0).receipt
