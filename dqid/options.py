@@ -11,6 +11,9 @@ from typing import Any, Callable
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from . import __version__
+from .config_file import ConfigFileError, with_config_file
+from .logs import JSON_OBSERVER
 from .ids import is_valid_node_id, node_id_from_hostname
 from .keyfile import KeyFileError, load_cluster_key
 from .peer_tls import PeerTLS, PeerTLSError
@@ -60,6 +63,12 @@ def _lease_seconds(text: str) -> float:
     if math.isnan(value) or not 0 < value <= 43200:
         raise ValueError(text)
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(text)
+    return text
 
 
 def _node_id(text: str) -> str:
@@ -120,11 +129,33 @@ class Options(usage.Options):
         ["peer-tls-ca", None, None, "PEM certificate of the CA that signs every peer's"],
         ["http-token-file", None, None,
          "File of bearer tokens for the HTTP API, one per line (re-read on SIGHUP)"],
+        ["log-format", None, "text",
+         "Log lines: text, or json (one JSON object per line on stdout; under twistd "
+         "the same as --logger=dqid.logs.json_observer)",
+         _coercer("--log-format", "text or json", _log_format)],
+        ["config", None, None,
+         "TOML file of options: keys are long option names, peer a list; the "
+         "command line wins"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["peers"] = []
+
+    def opt_version(self) -> None:
+        """Print dqid's version and exit."""
+        print(f"dqid {__version__}")
+        raise SystemExit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse ``options`` after the options of their ``--config`` file."""
+        args = sys.argv[1:] if options is None else list(options)
+        known = {name.rstrip("=") for name in self.longOpt} - {"help", "version"}
+        try:
+            args = with_config_file(args, known, repeated={"peer"})
+        except ConfigFileError as error:
+            raise usage.UsageError(str(error)) from None
+        super().parseOptions(args)
 
     def opt_peer(self, value: str) -> None:
         """A peer's id and AMP address, ID=HOST:PORT; repeat per peer."""
@@ -154,6 +185,15 @@ class Options(usage.Options):
         for name in ("http", "amp"):
             _check_endpoint(name, self[name])
         self._load_security()
+        self._choose_logger()
+
+    def _choose_logger(self) -> None:
+        """``--log-format=json`` under twistd (the console script runs
+        twistd too): name dqid's JSON observer as twistd's ``--logger``,
+        unless one was given there."""
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None and not parent.get("logger"):
+            parent["logger"] = JSON_OBSERVER
 
     def _load_security(self) -> None:
         """Read the key, certificates and tokens now: a bad file is a

@@ -246,3 +246,97 @@ def test_http_token_file_is_read_at_start(tmp_path):
     assert options["http-tokens"].check(b"Bearer secret-two")
     missing = refused(f"--http-token-file={tmp_path / 'none'}")
     assert "--http-token-file" in missing
+
+
+# -- --config FILE, --log-format, --version (DESIGN.md "Operations") -----------------
+
+
+def config_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dqid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_config_file_holds_any_option_and_the_command_line_wins(tmp_path):
+    config = config_file(tmp_path, (
+        'node-id = "n1"\nsize = 50\nvisibility = 2.5\nmin-copies = 2\n'
+        'peer = ["n2=127.0.0.1:9002", "n3=127.0.0.1:9003"]\n'
+        f'cluster-key-file = "{KEY_FILE}"\nlog-format = "json"\n'))
+    options = parsed(f"--config={config}", "--size=7")
+    assert options["node-id"] == "n1"
+    assert options["size"] == 7  # the command line wins
+    assert options["visibility"] == 2.5
+    assert options["min-copies"] == 2
+    assert [str(p) for p in options["peers"]] == ["n2=127.0.0.1:9002", "n3=127.0.0.1:9003"]
+    assert options["cluster-key"] == KEY_FILE.read_bytes().strip()
+    assert options["log-format"] == "json"
+    assert options["config"] == str(config)
+
+
+def test_peers_on_the_command_line_replace_the_files_list(tmp_path):
+    config = config_file(tmp_path, 'node-id = "n1"\npeer = ["n2=127.0.0.1:9002"]\n')
+    options = parsed("--config", str(config), "--peer=n9=127.0.0.1:9009")
+    assert [p.node_id for p in options["peers"]] == ["n9"]
+    assert options["min-copies"] == 2
+
+
+def test_a_config_file_checks_its_values_as_the_command_line_does(tmp_path):
+    config = config_file(tmp_path, 'size = "abc"\n')
+    assert "--size must be a whole number >= 1" in refused(f"--config={config}")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("size = \n", "not TOML"),
+    ("colour = 'blue'\n", "unknown option 'colour'"),
+    ("min_copies = 2\n", "unknown option 'min_copies' (option names use -, not _)"),
+    ("config = 'other.toml'\n", "cannot name another"),
+    ("version = true\n", "unknown option 'version'"),
+    ("size = true\n", "size: must be a string or a number, got bool"),
+    ("[http]\nport = 1\n", "http: must be a string or a number, got dict"),
+])
+def test_a_bad_config_file_is_a_usage_error_naming_it(tmp_path, text, problem):
+    config = config_file(tmp_path, text)
+    message = refused(f"--config={config}")
+    assert message.startswith(f"--config {config}: "), message
+    assert problem in message
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path):
+    message = refused(f"--config={tmp_path / 'none.toml'}")
+    assert "cannot read it" in message
+
+
+def test_log_format_is_text_or_json():
+    assert parsed()["log-format"] == "text"
+    assert parsed("--log-format=json")["log-format"] == "json"
+    assert "--log-format must be text or json" in refused("--log-format=xml")
+
+
+class FakeTwistd(dict):
+    """The part of twistd's ServerOptions a subcommand sees: its options."""
+
+
+def test_json_logs_name_dqids_observer_as_twistds_logger():
+    options = Options()
+    options.parent = FakeTwistd(logger=None)
+    options.parseOptions(["--log-format=json"])
+    assert options.parent["logger"] == "dqid.logs.json_observer"
+
+    chosen = Options()
+    chosen.parent = FakeTwistd(logger="my.own.observer")
+    chosen.parseOptions(["--log-format=json"])
+    assert chosen.parent["logger"] == "my.own.observer"  # twistd's --logger wins
+
+    text = Options()
+    text.parent = FakeTwistd(logger=None)
+    text.parseOptions([])
+    assert text.parent["logger"] is None
+
+
+def test_version_prints_dqid_and_exits_0(capsys):
+    import dqid
+
+    with pytest.raises(SystemExit) as exited:
+        TwistdOptions().parseOptions(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"dqid {dqid.__version__}\n"
