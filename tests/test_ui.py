@@ -51,6 +51,11 @@ def page(browser) -> Iterator:
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda error: errors.append(str(error)))
+    # Console errors too (a Content-Security-Policy refusal is one), but not
+    # the browser's line for each 401 the page is meant to meet.
+    opened.on("console", lambda message: message.type == "error"
+              and not message.text.startswith("Failed to load resource")
+              and errors.append(message.text))
     try:
         yield opened
     finally:
