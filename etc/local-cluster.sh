@@ -10,14 +10,17 @@
 # Node nI serves HTTP on port BASE+I-1 and AMP on port BASE+100+I-1.
 # The nodes prove a shared key to each other: RUN/cluster.key, made (mode
 # 0600, 32 random bytes) the first time a node starts.
+# Every node reads the options they share from DQID_CONFIG (etc/dqid.toml
+# beside this script); the command line below, and DQID_ARGS, win over it.
 # Environment: DQID_BASE_PORT (8081), DQID_RUN_DIR (./dqid-run: logs, PID
-# files, the key), TWISTD (twistd on PATH), DQID_ARGS (extra options, e.g.
-# "--min-copies=2 --size=10000").
+# files, the key), TWISTD (twistd on PATH), DQID_CONFIG (a TOML file of
+# options), DQID_ARGS (extra options, e.g. "--min-copies=2 --size=10000").
 set -euo pipefail
 
 BASE=${DQID_BASE_PORT:-8081}
 RUN=${DQID_RUN_DIR:-./dqid-run}
 TWISTD=${TWISTD:-twistd}
+CONFIG=${DQID_CONFIG:-$(dirname "$0")/dqid.toml}
 NODES=(n1 n2 n3)
 
 http_port() { echo $((BASE + ${1#n} - 1)); }
@@ -34,6 +37,7 @@ start_node() {
     fi
     # shellcheck disable=SC2086
     "$TWISTD" -n --pidfile= --logfile="$RUN/$node.log" dqid \
+        --config="$CONFIG" \
         --node-id="$node" \
         --http="tcp:$(http_port "$node"):interface=127.0.0.1" \
         --amp="tcp:$(amp_port "$node"):interface=127.0.0.1" \
@@ -66,5 +70,5 @@ case "${1:-}" in
             curl -s "127.0.0.1:$(http_port "$node")/ready" || printf 'down'
             echo
         done ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

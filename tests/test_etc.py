@@ -98,3 +98,16 @@ def test_local_cluster_recipe_survives_the_readme_walkthrough(tmp_path) -> None:
     finally:
         recipe("stop")
     assert not list(tmp_path.glob("*.pid"))
+
+
+def test_the_example_config_file_holds_the_defaults_the_recipe_shares(tmp_path) -> None:
+    node = ["--node-id=n1", "--peer=n2=127.0.0.1:8182", "--peer=n3=127.0.0.1:8183",
+            f"--cluster-key-file={cluster_key_file(tmp_path)}"]
+    shared = Options()
+    shared.parseOptions([f"--config={ETC / 'dqid.toml'}", *node])
+    defaults = Options()
+    defaults.parseOptions(node)
+    names = ("size", "visibility", "max-message-bytes", "max-deliveries", "log-format")
+    assert {n: shared[n] for n in names} == {n: defaults[n] for n in names}
+    assert shared["min-copies"] == 3  # in the recipe's cluster of three: every node
+    assert "--config=\"$CONFIG\"" in (ETC / "local-cluster.sh").read_text()
