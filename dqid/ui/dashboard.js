@@ -114,7 +114,10 @@ async function poll() {
     renderCluster(cluster);
     renderHeld((await apiJson("held?count=" + HELD_SHOWN)).messages);
     setStatus("updated " + new Date().toLocaleTimeString());
+    document.body.classList.remove("stale");
   } catch (error) {
+    // What is shown is what the node said last, not now: dimmed.
+    document.body.classList.add("stale");
     if (!(error instanceof Unauthorized)) setStatus("cannot read the cluster: " + error.message, true);
   } finally {
     state.polling = false;
