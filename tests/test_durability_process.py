@@ -172,3 +172,24 @@ def test_disk_use_follows_the_queue_not_its_history(pool, tmp_path) -> None:
     used = sum(f.stat().st_size for f in (tmp_path / "data").iterdir())
     assert used < 20 * 1024 * 1024, f"{used} bytes on disk after {written} written"
     assert "compacted the journal" in first.log_text()
+
+
+def test_held_and_delayed_messages_stay_so_across_a_restart(pool, tmp_path) -> None:
+    first = node(pool, tmp_path, "--max-deliveries=1").start()
+    first.wait_for("/ready")
+    poison = first.http("POST", "/push", b"poison").json()["id"]
+    later = first.http("POST", "/push?delay=3600", b"later").json()["id"]
+    got = first.http("GET", "/get")
+    receipt = got.headers["dqid-receipt"]
+    assert first.http("POST", f"/nack/{poison}?receipt={receipt}").status == 204
+    assert first.http("GET", "/stats").json()["held"] == 1
+    time.sleep(0.3)  # the state change reaches the disk after its turn
+    first.kill()
+    second = node(pool, tmp_path, "--max-deliveries=1").start()
+    second.wait_for("/ready")
+    stats = second.http("GET", "/stats").json()
+    assert (stats["held"], stats["delayed"], stats["ready"]) == (1, 1, 0)
+    peeked = second.http("GET", f"/messages/{poison}")
+    assert (peeked.headers["dqid-state"], peeked.headers["dqid-deliveries"]) == ("held", "1")
+    assert second.http("GET", f"/messages/{later}").headers["dqid-state"] == "delayed"
+    assert second.http("GET", "/get").status == 204
