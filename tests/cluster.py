@@ -91,7 +91,14 @@ class LocalCluster:
         for node in self.nodes.values():
             node.start()
         for node in self.nodes.values():
-            node.wait_for("/ready", timeout)
+            try:
+                node.wait_for("/ready", timeout)
+            except AssertionError as error:
+                # Say which node failed to start (a dead peer keeps this one
+                # recovering), not only the one that waited for it.
+                dead = [f"{n.node_id} exited with {n.proc.returncode}:\n{n.log_tail()}"
+                        for n in self.nodes.values() if n.proc is not None and not n.alive()]
+                raise AssertionError("\n".join([str(error), *dead])) from None
         return self
 
     def replace(self, node_id: str, wait: str = "/ready") -> DqidProcess:
