@@ -480,3 +480,37 @@ def test_receipts_and_delays_pass_through_the_proxy(kind, pool, proxies) -> None
     again = proxy.http("GET", "/get")
     assert again.headers["dqid-id"] == message_id and again.headers["dqid-deliveries"] == "2"
     assert proxy.http("POST", f"/ack/{message_id}").status == 204
+
+
+def test_the_cluster_view_through_haproxy_shows_every_node(pool, proxies) -> None:
+    """GET /cluster: whichever node HAProxy picks, the answer lists all
+    three with their stats; a killed node is listed as down."""
+    cluster, proxy, addresses = start("haproxy", pool, proxies)
+    for i in range(6):
+        assert proxy.http("POST", "/push", f"job {i}".encode()).status == 201
+    answered_by = set()
+    for _ in range(6):
+        reply = proxy.http("GET", "/cluster")
+        assert reply.status == 200, reply
+        document = reply.json()
+        assert document["node"] == addresses[served_by(reply)]
+        answered_by.add(document["node"])
+        nodes = document["nodes"]
+        assert sorted(nodes) == ["a", "b", "c"]
+        assert all(entry["up"] for entry in nodes.values()), nodes
+        assert sum(entry["stats"]["depth"] for entry in nodes.values()) == 6
+        assert {entry["stats"]["node"] for entry in nodes.values()} == {"a", "b", "c"}
+    assert len(answered_by) > 1  # the same picture from more than one node
+
+    cluster["c"].kill()
+
+    def c_is_down() -> bool:
+        reply = proxy.http("GET", "/cluster")
+        if reply.status != 200:  # HAProxy had only c to try
+            return False
+        nodes = reply.json()["nodes"]
+        return not nodes["c"]["up"] and nodes["a"]["up"] and nodes["b"]["up"]
+
+    cluster.wait_until(c_is_down, what="c listed as down")
+    reply = proxy.http("GET", "/cluster")
+    assert reply.json()["nodes"]["c"]["error"] in ("not linked", "no answer within 1 s")
