@@ -12,7 +12,7 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from . import __version__
-from .config_file import ConfigFileError, with_config_file
+from .config_file import ConfigFileError, config_path, with_config_file
 from .logs import JSON_OBSERVER
 from .ids import is_valid_node_id, node_id_from_hostname
 from .keyfile import KeyFileError, load_cluster_key
@@ -156,6 +156,9 @@ class Options(usage.Options):
         except ConfigFileError as error:
             raise usage.UsageError(str(error)) from None
         super().parseOptions(args)
+        if self["config"] is not None and config_path(args) is None:
+            # getopt took an abbreviation (--conf=FILE) that was not read.
+            raise usage.UsageError("--config: give the option's whole name, --config=FILE")
 
     def opt_peer(self, value: str) -> None:
         """A peer's id and AMP address, ID=HOST:PORT; repeat per peer."""

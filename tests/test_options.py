@@ -340,3 +340,8 @@ def test_version_prints_dqid_and_exits_0(capsys):
         TwistdOptions().parseOptions(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"dqid {dqid.__version__}\n"
+
+
+def test_an_abbreviated_config_option_is_refused_not_ignored(tmp_path):
+    config = config_file(tmp_path, "size = 5\n")
+    assert "--config: give the option's whole name" in refused(f"--conf={config}")
