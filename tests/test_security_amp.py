@@ -49,6 +49,8 @@ from dqid.wire import (
     MAX_EPOCH, WireError, decode_records, decode_tombstones, encode_records, encode_tombstones,
 )
 
+from .mutations import mutated
+
 from .amp_harness import Link, Member, Net
 from .helpers import successResultOf
 
@@ -650,30 +652,8 @@ def error_type(result: Any) -> type | None:
 
 
 def mutated_bytes(draw: Any, valid: bytes) -> bytes:
-    """``valid`` with 1-4 edits: flips, sets, inserts, deletes, cuts,
-    forged big 16/32-bit values, repeated pieces."""
-    data = bytearray(valid)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(
-            ["flip", "set", "insert", "delete", "truncate", "forge", "repeat"]))
-        at = draw(st.integers(0, len(data)))
-        if kind == "flip" and data:
-            data[at % len(data)] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "set" and data:
-            data[at % len(data)] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        elif kind == "truncate":
-            del data[at:]
-        elif kind == "forge":
-            width = draw(st.sampled_from([2, 4]))
-            value = draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFE, 2**32 - 1, 2**31]))
-            data[at:at + width] = (value % 256**width).to_bytes(width, "big")
-        elif kind == "repeat" and data:
-            data[at:at] = data[at:at + draw(st.integers(1, 16))]
-    return bytes(data)
+    """``valid`` with 1-4 edits (tests/mutations.py)."""
+    return draw(mutated(valid))
 
 
 def mutated_text(draw: Any, valid: str) -> str:
