@@ -68,7 +68,8 @@ from dqid.queue import (
 )
 
 visibilities = st.floats(min_value=0.001, max_value=20.0, allow_nan=False)
-steps = st.floats(min_value=0.0, max_value=25.0, allow_nan=False)
+steps = st.one_of(st.sampled_from([0.5, 1.0, 2.0, 5.0]),
+                  st.floats(min_value=0.0, max_value=25.0, allow_nan=False))
 # Short delays from a few values, so dues tie and come out of order often.
 delays = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 2.0, 5.0]),
                    st.floats(min_value=0.0, max_value=25.0, allow_nan=False))
@@ -84,6 +85,20 @@ class Model:
     deliveries: int = 0
     receipt: str | None = None  # of the lease, while leased
     due: float | None = None  # while delayed (or pending with a due time)
+
+
+def delivery_order(queue: WorkQueue) -> list[str]:
+    """The ids in the order takes would deliver them: the live entries of
+    the ready line, earliest in line first (as ``take`` picks them)."""
+    live = [m for m in (*queue._ready, *queue._ready_heap) if m.state == READY]
+    return [m.id for m in sorted(live)]
+
+
+def promotion_order(queue: WorkQueue) -> list[str]:
+    """The ids of delayed messages in the order they join the line."""
+    live = [m for m in queue._due_line if m.state == DELAYED]
+    live += [m for _, m in queue._due_heap if m.state == DELAYED]
+    return [m.id for m in sorted(live, key=lambda m: (m.deadline, m))]
 
 
 class QueueMachine(RuleBasedStateMachine):
@@ -105,11 +120,19 @@ class QueueMachine(RuleBasedStateMachine):
         )
 
     @initialize(size=st.integers(min_value=1, max_value=6),
-                max_deliveries=st.sampled_from([0, 1, 1, 2, 3]))
-    def start(self, size: int, max_deliveries: int) -> None:
+                max_deliveries=st.sampled_from([0, 1, 1, 2, 3]),
+                data=st.data())
+    def start(self, size: int, max_deliveries: int, data) -> None:
         self.size = size
         self.max_deliveries = max_deliveries
         self.queue = WorkQueue(size, max_deliveries=max_deliveries)
+        # Most examples start with work queued (pushed directly, no delay).
+        for _ in range(data.draw(st.integers(min_value=0, max_value=size))):
+            message_id = self.new_id()
+            self.queue.push(message_id, message_id.encode())
+            self.reserve_model(message_id, PENDING, None)
+            self.accepted(message_id)
+            self.direct.add(message_id)
 
     # -- helpers ------------------------------------------------------------
 
@@ -165,14 +188,15 @@ class QueueMachine(RuleBasedStateMachine):
         current = entry.receipt if entry is not None else None
         older = [r for r in self.receipts_given.get(message_id, []) if r != current]
         other = [r for i, rs in self.receipts_given.items() if i != message_id for r in rs]
-        kinds = [st.none(), st.just("made-up")]
-        if current is not None:
-            kinds += [st.just(current)] * 3
-        if older:
-            kinds.append(st.sampled_from(older))
-        if other:
-            kinds.append(st.sampled_from(other))
-        return data.draw(st.one_of(kinds))
+        kind = data.draw(st.sampled_from(
+            ["current", "current", "current", "none", "made-up", "older", "other"]))
+        if kind == "current" and current is not None:
+            return current
+        if kind == "older" and older:
+            return data.draw(st.sampled_from(older))
+        if kind == "other" and other:
+            return data.draw(st.sampled_from(other))
+        return "made-up" if kind == "made-up" else None
 
     def holds_lease(self, entry: Model | None, receipt: str) -> bool:
         return (entry is not None and entry.state == LEASED and entry.receipt == receipt
@@ -229,6 +253,15 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(visibility=visibilities)
     def take(self, visibility: float) -> None:
+        self.take_one(visibility)
+
+    @rule(count=st.integers(min_value=2, max_value=4), visibility=visibilities)
+    def take_batch(self, count: int, visibility: float) -> None:
+        """Several takes at one time, as a batch get does."""
+        for _ in range(count):
+            self.take_one(visibility)
+
+    def take_one(self, visibility: float) -> None:
         ready = self.ids_in(READY)
         message = self.queue.take(self.now, visibility)
         if not ready:
@@ -272,7 +305,7 @@ class QueueMachine(RuleBasedStateMachine):
         """A message id: often one in a ``preferred`` state, else any known
         one (queued or gone), else one never pushed."""
         wanted = self.ids_in(*preferred) if preferred else []
-        if wanted and data.draw(st.booleans()):
+        if wanted and data.draw(st.sampled_from([True, True, True, False])):
             return data.draw(st.sampled_from(wanted))
         known = self.known_ids()
         return data.draw(st.sampled_from(known)) if known else "never"
@@ -398,7 +431,7 @@ class QueueMachine(RuleBasedStateMachine):
 
         The clock lands on a random time, or exactly on (or just before) a
         deadline or due time given out: a live one, or one since moved by a
-        touch (a stale one).
+        touch (a stale one); most often on (or just before) the next one.
         """
         if how == "release_all_leases":
             leased = self.ids_in(LEASED)
@@ -413,6 +446,14 @@ class QueueMachine(RuleBasedStateMachine):
             before = [b for d in given if (b := math.nextafter(d, -math.inf)) > self.now]
             if before:
                 targets.append(st.sampled_from(before))
+        upcoming = [e.deadline for e in self.model.values() if e.state == LEASED] + [
+            e.due for e in self.model.values() if e.state == DELAYED]
+        upcoming = [t for t in upcoming if t > self.now]
+        if upcoming:
+            next_one = min(upcoming)
+            targets += [st.just(next_one)] * 2
+            if (before_next := math.nextafter(next_one, -math.inf)) > self.now:
+                targets += [st.just(before_next)] * 2
         self.now = data.draw(st.one_of(targets))
         if how == "expire":
             assert self.queue.expire(self.now) == self.expire_model()
@@ -466,6 +507,11 @@ class QueueMachine(RuleBasedStateMachine):
         assert queue.held == states.count(HELD)
         assert (queue.pending + queue.ready + queue.leased + queue.delayed + queue.held
                 == queue.depth)
+        # every take would deliver in the model's order; (g) due messages
+        # join in due-time order (then by place in line)
+        assert delivery_order(queue) == sorted(self.ids_in(READY), key=lambda i: model[i].order)
+        assert promotion_order(queue) == sorted(
+            self.ids_in(DELAYED), key=lambda i: (model[i].due, model[i].order))
         # (e) the held list, oldest first
         held = sorted(self.ids_in(HELD), key=lambda i: model[i].order)
         assert [m.id for m in queue.held_messages(self.size)] == held
