@@ -7,7 +7,9 @@ Starts, on 127.0.0.1 with free ports, as separate processes:
                  deque, GET /get pops): the ceiling of the framework;
 * ``standalone`` one dqid node;
 * ``cluster``    three dqid nodes with --min-copies=3 (requests go
-                 round-robin over the three HTTP ports, like a balancer).
+                 round-robin over the three HTTP ports, like a balancer);
+* ``standalone-disk``, ``cluster-disk``  the same with --data-dir on every
+                 node (``--peer-tls``: cluster peers over mutual TLS).
 
 For every target it runs three phases of ``--count`` messages: push, get+ack
 (get only on the bare server) and end-to-end (producers and consumers at
@@ -15,11 +17,20 @@ once).  The dqid targets then run two batch phases of ``--batch-count``
 messages: batch push (POST /push/batch of ``--batch-size``) and batch
 get+ack (GET /get?count=K, then POST /ack with the K ids).  Load comes from
 ``--procs`` client processes holding ``--concurrency`` keep-alive HTTP/1.1
-connections in all (raw sockets, one thread each).
+connections in all (raw sockets, one thread each).  Each phase also gets
+the servers' CPU per message (``cpu ms/msg``: the CPU seconds of the
+target's server processes over the phase, summed over a cluster's three
+nodes, x 1000 / the messages its msgs/s counts), so that a replicated
+message's cost can be set against a standalone one's.
 
 Then it measures how long a replacement cluster node takes to recover a
-queue of ``--recover-count`` messages, and the RSS a standalone node spends
-per queued message, and checks the issue's targets (met / NOT met).
+queue of ``--recover-count`` messages, the RSS a standalone node spends per
+queued message, and the RSS a cluster peer spends per replica copy (peers
+b and c of a fresh 3-node cluster while they hold ``--rss-count`` messages
+of 100 B pushed to a), and checks the issues' targets (met / NOT met):
+among them, a cluster e2e message at most twice a standalone one's CPU, and
+the cluster's e2e, batch push and batch get+ack rates at least 0.7 x the
+standalone's (also with --data-dir, when those targets ran).
 
 Every process it starts is stopped by its PID (SIGTERM, then SIGKILL), also
 on errors and Ctrl-C.  The modules beside this file do the work (see
@@ -45,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/, 
 
 from benchmarks.findings import Findings  # noqa: E402
 from benchmarks.flows import MAX_GET_COUNT, MAX_PUSH_BATCH  # noqa: E402
-from benchmarks.footprint import recover, recover_from_disk, rss_per_message  # noqa: E402
+from benchmarks.footprint import (  # noqa: E402
+    REPLICA_RSS_BODY, recover, recover_from_disk, rss_per_message, rss_per_replica_copy)
 from benchmarks.phases import run_target, servers_size  # noqa: E402
 from benchmarks.report import report, targets  # noqa: E402
 from benchmarks.servers import TARGETS, Fleet, start_all  # noqa: E402
@@ -76,7 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="messages the replacement node recovers "
                              "(default 100000, --quick 20000; 0: skip)")
     parser.add_argument("--rss-count", type=int, default=None,
-                        help="messages queued for the RSS measurement "
+                        help="messages queued for the RSS measurements, standalone "
+                             "per message and cluster peers per replica copy "
                              "(default 100000, --quick 20000; 0: skip)")
     parser.add_argument("--rss-fill", choices=("batch", "single"), default="batch",
                         help="fill the RSS node with /push/batch (fast) or single /push")
@@ -113,7 +126,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def measure(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> None:
-    """Every target's phases, then recovery and RSS."""
+    """Every target's phases, then recovery and RSS (standalone per
+    message, cluster peers per replica copy)."""
     servers = {t: fleet.target(t, servers_size(args)) for t in args.targets}
     print(f"starting {sum(len(s) for s in servers.values())} server processes "
           f"(logs in {fleet.workdir})", flush=True)
@@ -130,6 +144,9 @@ def measure(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> None:
             print(f"  rss: filling a fresh standalone node with {args.rss_count} "
                   f"messages of {body_size} B", flush=True)
             findings.rss.append(rss_per_message(findings, fleet, args, body_size))
+        print(f"  rss: pushing {args.rss_count} messages of {REPLICA_RSS_BODY} B to node a "
+              f"of a fresh 3-node cluster; peers b and c hold the copies", flush=True)
+        findings.replica_rss = rss_per_replica_copy(findings, fleet, args)
 
 
 def write_json(path: str, findings: Findings, args: argparse.Namespace, meta: dict) -> None:
@@ -139,6 +156,7 @@ def write_json(path: str, findings: Findings, args: argparse.Namespace, meta: di
         "results": findings.results,
         "recovery": findings.recovery,
         "rss": findings.rss,
+        "replica_rss": findings.replica_rss,
         "targets": targets(findings, args),
         "problems": findings.problems,
         "notes": findings.remarks,

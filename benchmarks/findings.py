@@ -1,5 +1,6 @@
-"""Everything one benchmark run found: phase results, recovery, RSS, and
-the problems and notes said along the way (printed as they come)."""
+"""Everything one benchmark run found: phase results, recovery, RSS (per
+queued message and per replica copy), and the problems and notes said
+along the way (printed as they come)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Findings:
     recovery: dict | None = None
     disk_recovery: dict | None = None  # a standalone node replaying its --data-dir
     rss: list[dict] = field(default_factory=list)  # one per body size
+    replica_rss: dict | None = None  # peers b and c of a cluster holding a's messages
     problems: list[str] = field(default_factory=list)
     remarks: list[str] = field(default_factory=list)
     interrupted: bool = False

@@ -1,5 +1,6 @@
 """What a queue costs: how long a killed cluster node's replacement takes
-to recover its queue, and the RSS a standalone node spends per message."""
+to recover its queue, the RSS a standalone node spends per message, and
+the RSS a cluster peer spends per replica copy it holds."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 from benchmarks.findings import Findings
 from benchmarks.load import run_phase
 from benchmarks.servers import Fleet, stats
-from tests.procs import rss_bytes
+from tests.procs import DqidProcess, rss_bytes
 
 RECOVERY_FILL_BATCH = 1000  # messages per POST /push/batch filling the recovery cluster
-RSS_FILL_BATCH = 1000  # messages per POST /push/batch filling the RSS node
+RSS_FILL_BATCH = 1000  # messages per POST /push/batch filling the RSS nodes
+REPLICA_RSS_BODY = 100  # body bytes of the messages whose replica copies are measured
+SETTLE = 0.3  # seconds a node is left alone before its RSS is read
 
 
 def recover(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> dict:
@@ -111,6 +114,35 @@ def recover_from_disk(findings: Findings, fleet: Fleet, args: argparse.Namespace
             "seconds_to_depth": t_depth, "depth_seen": depth}
 
 
+def warm_up(node: DqidProcess, body_size: int) -> None:
+    """Warm a node's code paths (single and batch push, get, ack) before
+    its RSS is measured; it is empty again afterwards."""
+    for _ in range(50):
+        node.http("POST", "/push", b"w" * body_size)
+    node.http("POST", "/push/batch",
+              json.dumps({"messages": [{"body": "w" * body_size}] * 50}).encode())
+    while (taken := node.http("GET", "/get?count=100")).status == 200:
+        ids = [m["id"] for m in taken.json()["messages"]]
+        node.http("POST", "/ack", json.dumps({"ids": ids}).encode())
+
+
+def fill_by_batches(findings: Findings, node: DqidProcess, n: int, body_size: int,
+                    what: str) -> None:
+    """Push ``n`` numbered bodies of ``body_size`` bytes to ``node`` by
+    POST /push/batch of RSS_FILL_BATCH; a refused batch is a problem and
+    ends the fill."""
+    pad = "x" * max(0, body_size - 8)
+    for start in range(0, n, RSS_FILL_BATCH):
+        entries = [{"body": f"{i:08d}{pad}"[:body_size]}
+                   for i in range(start, min(n, start + RSS_FILL_BATCH))]
+        reply = node.http("POST", "/push/batch",
+                          json.dumps({"messages": entries}).encode(), timeout=60)
+        if reply.status != 201:
+            findings.note(f"{what}: POST /push/batch -> {reply.status}: "
+                          f"{reply.body[:300]!r}")
+            break
+
+
 def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
                     body_size: int) -> dict:
     """RSS growth of a fresh, warmed-up standalone node filled with
@@ -120,15 +152,8 @@ def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
     node.start()
     node.wait_for("/ready", 60, interval=0.01)
     started = time.monotonic() - node.started_at
-    # warm the code paths (single and batch push, get, ack) before measuring
-    for _ in range(50):
-        node.http("POST", "/push", b"w" * body_size)
-    node.http("POST", "/push/batch",
-              json.dumps({"messages": [{"body": "w" * body_size}] * 50}).encode())
-    while (taken := node.http("GET", "/get?count=100")).status == 200:
-        ids = [m["id"] for m in taken.json()["messages"]]
-        node.http("POST", "/ack", json.dumps({"ids": ids}).encode())
-    time.sleep(0.3)
+    warm_up(node, body_size)
+    time.sleep(SETTLE)
     before = rss_bytes(node.pid)
     t0 = time.monotonic()
     if args.rss_fill == "single":
@@ -138,18 +163,9 @@ def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
             findings.note(f"rss fill {body_size} B: {result['errors']} errors: "
                           f"{result['samples']}")
     else:
-        pad = "x" * max(0, body_size - 8)
-        for start in range(0, n, RSS_FILL_BATCH):
-            entries = [{"body": f"{i:08d}{pad}"[:body_size]}
-                       for i in range(start, min(n, start + RSS_FILL_BATCH))]
-            reply = node.http("POST", "/push/batch",
-                              json.dumps({"messages": entries}).encode(), timeout=60)
-            if reply.status != 201:
-                findings.note(f"rss fill {body_size} B: POST /push/batch -> {reply.status}: "
-                              f"{reply.body[:300]!r}")
-                break
+        fill_by_batches(findings, node, n, body_size, f"rss fill {body_size} B")
     fill_seconds = time.monotonic() - t0
-    time.sleep(0.3)
+    time.sleep(SETTLE)
     after = rss_bytes(node.pid)
     depth = stats(node)["depth"]
     node.stop()
@@ -163,4 +179,64 @@ def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
         "bytes_per_message": (after - before) / max(depth, 1),
         "fill_seconds": fill_seconds,
         "startup_seconds": started,
+    }
+
+
+def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namespace,
+                         body_size: int = REPLICA_RSS_BODY) -> dict:
+    """RSS growth of peers b and c of a fresh 3-node cluster (min-copies 3)
+    while they hold copies of ``--rss-count`` messages pushed to a (by
+    POST /push/batch of RSS_FILL_BATCH), per copy: the mean over b and c."""
+    n = args.rss_count
+    cluster = fleet.cluster("rss-replica", n + 1000)
+    try:
+        cluster.start(60)
+        a = cluster["a"]
+        peers = {p: cluster[p] for p in cluster.ids if p != "a"}
+        warm_up(a, body_size)  # the copies of the warm-up messages come and go on b and c
+        try:
+            cluster.wait_until(lambda: not any(cluster.held_everywhere("a").values()),
+                               args.phase_timeout, what="b and c to drop the warm-up copies")
+        except AssertionError as error:
+            findings.note(f"rss per replica copy: {error}: {cluster.held_everywhere('a')}")
+        time.sleep(SETTLE)
+        before = {p: rss_bytes(node.pid) for p, node in peers.items()}
+        a_before = rss_bytes(a.pid)
+        t0 = time.monotonic()
+        fill_by_batches(findings, a, n, body_size, "rss per replica copy, fill of a")
+        fill_seconds = time.monotonic() - t0
+        held: dict[str, int] = {}
+
+        def all_held() -> bool:
+            held.update(cluster.held_everywhere("a"))
+            return all(h >= n for h in held.values())
+
+        try:
+            cluster.wait_until(all_held, args.phase_timeout,
+                               what=f"b and c to hold a's {n} messages")
+        except AssertionError as error:
+            findings.note(f"rss per replica copy: {error}: they hold {held}")
+        time.sleep(SETTLE)
+        after = {p: rss_bytes(node.pid) for p, node in peers.items()}
+        a_after = rss_bytes(a.pid)
+        depth = stats(a)["depth"]
+        held = cluster.held_everywhere("a")
+    finally:
+        for node in cluster.nodes.values():
+            node.stop()
+    if depth != n:
+        findings.note(f"rss per replica copy: a's depth {depth} after filling {n}")
+    per_peer = {p: (after[p] - before[p]) / max(held[p], 1) for p in peers}
+    return {
+        "body_bytes": body_size,
+        "messages": n,
+        "held": held,
+        "rss_before": before,
+        "rss_after": after,
+        "bytes_per_copy_by_peer": per_peer,
+        "bytes_per_copy": sum(per_peer.values()) / len(per_peer),
+        "owner_rss_before": a_before,
+        "owner_rss_after": a_after,
+        "owner_bytes_per_message": (a_after - a_before) / max(depth, 1),
+        "fill_seconds": fill_seconds,
     }

@@ -3,7 +3,8 @@ started together; their tallies merged into the phase's measurements.
 
 ``run_phase`` forks ``--procs`` client processes holding ``--concurrency``
 flows in all, waits for them (each stops at ``--phase-timeout``) and
-returns a JSON-ready dict: msgs/s, req/s, latencies, statuses, CPU.
+returns a JSON-ready dict: msgs/s, req/s, latencies, statuses, CPU (also
+the servers' CPU milliseconds per message).
 """
 
 from __future__ import annotations
@@ -236,6 +237,9 @@ def summarise(phase: str, batch: int, tallies: list[ClientTally], start: float,
         "empty_gets": sum(t.empties for t in tallies),
         "timed_out": any(t.timed_out for t in tallies),
         "server_cpu_pct": 100 * server_cpu / elapsed,
+        "server_cpu_seconds": server_cpu,
+        # the servers' CPU (cluster: sum of its nodes) per message counted in msgs_per_s
+        "server_cpu_ms_per_msg": server_cpu * 1000 / msgs if msgs else None,
         "client_cpu_pct": 100 * sum(t.cpu for t in tallies) / elapsed,
         "samples": [s for t in tallies for s in t.samples][:12],
     }

@@ -1,4 +1,5 @@
-"""The report: ratios to bare, the issue's targets (met / NOT met) and the
+"""The report: ratios to bare, the issues' targets (met / NOT met, among
+them a cluster's cost per message against a standalone node's) and the
 text table with its notes, from what a run found."""
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
         r = found.get((target, phase))
         return None if r is None else r[key]
 
+    def versus(target: str, base: str, phase: str, key: str = "msgs_per_s") -> float | None:
+        """``target``'s ``key`` over ``base``'s in ``phase``; None unless both ran."""
+        mine, theirs = found.get((target, phase)), found.get((base, phase))
+        if mine is None or theirs is None or mine[key] is None or not theirs[key]:
+            return None
+        return mine[key] / theirs[key]
+
+    def cluster_vs_standalone(suffix: str, disk: str) -> None:
+        """Issue 13: a replicated message costs at most twice a standalone
+        one; ``disk`` "" (in memory) or "-disk" (--data-dir targets)."""
+        cluster, standalone = f"cluster{disk}", f"standalone{disk}"
+        peers = f"cluster peers over {'mutual TLS' if args.peer_tls else 'plain TCP'}"
+        cpu_label = ("CPU per e2e message, cluster (sum of 3 nodes) vs standalone" if not disk
+                     else "CPU per e2e message with --data-dir, cluster (3 nodes) vs standalone")
+        row(cpu_label, versus(cluster, standalone, "e2e", "server_cpu_ms_per_msg"), 2, "<=",
+            "x", f"{cluster} e2e server CPU ms per message (sum of its 3 processes) / "
+                 f"{standalone} e2e server CPU ms per message; {peers}")
+        for phase in ("e2e", "batch push", "batch get+ack"):
+            row(f"cluster {phase} vs standalone {phase}{suffix}",
+                versus(cluster, standalone, phase), 0.7, ">=", "x",
+                f"{cluster} {phase} msgs/s / {standalone} {phase} msgs/s; {peers}")
+
     where = (f"{args.concurrency} connections, {args.procs} client procs, "
              f"{args.size_bytes} B bodies")
     row("replicated push (3 nodes, min-copies 3) vs bare POST",
@@ -65,10 +88,17 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
     row(f"replicated batch push ({args.batch_size}/request) vs replicated push",
         ratio("cluster", "batch push", "ratio_to_single"), 20, ">=", "x",
         "cluster batch push msgs/s / cluster push msgs/s")
+    cluster_vs_standalone("", "")
     rss = next((r for r in findings.rss if r["body_bytes"] == 100), None)
     row("RSS overhead per queued 100 B message, standalone",
         None if rss is None else rss["bytes_per_message"] - rss["body_bytes"], 300, "<=", "B",
         f"RSS growth / {args.rss_count} messages, less the 100-byte body")
+    copies = findings.replica_rss
+    row("RSS overhead per replica copy, 100 B bodies",
+        None if copies is None else copies["bytes_per_copy"] - copies["body_bytes"], 300,
+        "<=", "B", f"RSS growth of peers b and c (3 nodes, min-copies 3) while each holds "
+                   f"a's {args.rss_count} messages, per message, mean of b and c, less the "
+                   f"100-byte body")
     for phase in ("push", "e2e"):
         disk_ratio = None
         with_disk, without = found.get(("cluster-disk", phase)), found.get(("cluster", phase))
@@ -76,6 +106,7 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
             disk_ratio = with_disk["msgs_per_s"] / without["msgs_per_s"]
         row(f"cluster {phase} with --data-dir vs in memory", disk_ratio, 0.8, ">=", "x",
             f"cluster-disk {phase} msgs/s / cluster {phase} msgs/s")
+    cluster_vs_standalone(", with --data-dir", "-disk")
     disk = findings.disk_recovery
     row(f"restart replays {disk['messages'] if disk else 100000} messages from disk",
         None if disk is None else disk["seconds_to_depth"], 5, "<", "s",
@@ -91,8 +122,8 @@ def targets(findings: Findings, args: argparse.Namespace) -> list[dict]:
 
 def table(results: list[dict]) -> list[str]:
     header_line = (f"{'target':<16}{'phase':<14}{'msgs/s':>9}{'req/s':>8}{'p50 ms':>9}"
-                   f"{'p99 ms':>9}{'x bare':>8}{'x 1-msg':>8}{'srv cpu':>9}{'cli cpu':>9}"
-                   f"{'errors':>7}")
+                   f"{'p99 ms':>9}{'x bare':>8}{'x 1-msg':>8}{'srv cpu':>9}{'cpu ms/msg':>11}"
+                   f"{'cli cpu':>9}{'errors':>7}")
     lines = [header_line, "-" * len(header_line)]
     add_ratios(results)
     for r in results:
@@ -101,7 +132,8 @@ def table(results: list[dict]) -> list[str]:
             f"{fmt(r['req_per_s'], '.0f', 8)}{fmt(r['p50_ms'], '.2f', 9)}"
             f"{fmt(r['p99_ms'], '.2f', 9)}{fmt(r['ratio_to_bare'], '.2f', 8)}"
             f"{fmt(r['ratio_to_single'], '.1f', 8)}"
-            f"{fmt(r['server_cpu_pct'], '.0f', 8)}%{fmt(r['client_cpu_pct'], '.0f', 8)}%"
+            f"{fmt(r['server_cpu_pct'], '.0f', 8)}%{fmt(r['server_cpu_ms_per_msg'], '.3f', 11)}"
+            f"{fmt(r['client_cpu_pct'], '.0f', 8)}%"
             f"{fmt(r['errors'], 'd', 7)}{'  TIMEOUT' if r['timed_out'] else ''}")
     return lines
 
@@ -119,6 +151,8 @@ def legend(args: argparse.Namespace) -> list[str]:
         "x 1-msg: a batch phase's msgs/s over the same target's one-message push or get+ack.",
         "srv cpu: CPU of the target's server process(es) over the phase (cluster: "
         "sum of 3); cli cpu: all clients.",
+        "cpu ms/msg: the server process(es)' CPU ms over the phase (cluster: sum of 3) "
+        "per message counted in msgs/s.",
     ]
 
 
@@ -177,12 +211,28 @@ def footprint(findings: Findings, args: argparse.Namespace) -> list[str]:
                          f"{r['rss_after'] / 2**20:7.1f} MiB = {r['bytes_per_message']:7.0f} "
                          f"B/message ({r['bytes_per_message'] - r['body_bytes']:.0f} B over "
                          f"the body)")
+    copies = findings.replica_rss
+    if copies:
+        if not findings.rss:
+            lines.append("")
+        per_peer = "; ".join(
+            f"{p}: RSS {copies['rss_before'][p] / 2**20:.1f} -> "
+            f"{copies['rss_after'][p] / 2**20:.1f} MiB = {per:.0f} B/copy"
+            for p, per in copies["bytes_per_copy_by_peer"].items())
+        lines += [
+            f"RSS per replica copy (peers b and c holding a's {copies['messages']} messages of "
+            f"{copies['body_bytes']} B): {copies['bytes_per_copy']:.0f} B/copy "
+            f"({copies['bytes_per_copy'] - copies['body_bytes']:.0f} B over the body)",
+            f"  {per_peer}; owner a: {copies['owner_bytes_per_message']:.0f} B/message",
+        ]
     return lines
 
 
 def verdicts(findings: Findings, args: argparse.Namespace) -> list[str]:
     lines = ["", "Targets:"]
-    for t in targets(findings, args):
+    rows = targets(findings, args)
+    width = max([57] + [len(t["target"]) + 2 for t in rows])
+    for t in rows:
         if t["met"] is False and t["value"] is None:
             value, verdict = "never", "NOT met"
         elif t["value"] is None:
@@ -191,7 +241,7 @@ def verdicts(findings: Findings, args: argparse.Namespace) -> list[str]:
             value = f"{t['value']:.0f} B" if t["unit"] == "B" else f"{t['value']:.2f} {t['unit']}"
             verdict = "met" if t["met"] else "NOT met"
         goal = f"{t['op']} {t['limit']:g} {t['unit']}"
-        lines.append(f"  {t['target']:<57}{goal:>8}   measured {value:>12}   {verdict}")
+        lines.append(f"  {t['target']:<{width}}{goal:>8}   measured {value:>12}   {verdict}")
     if (args.rss_count, args.recover_count, args.concurrency, args.batch_size) != STATED_FOR:
         lines.append("  (the issue's targets are stated for 16 clients, 100-message batches, "
                      "100,000 messages for RSS and recovery;")
