@@ -1,4 +1,6 @@
-"""The AMP commands dqid nodes speak to each other (protocol version 2: Forget became Tombstones).
+"""The AMP commands dqid nodes speak to each other (protocol version 3:
+Replicate, Tombstones and States became the unanswered ``Stream`` and its
+cumulative acknowledgement ``Copied``).
 
 Every connection starts with :class:`Hello`; after it, either side may call
 any command on it.  Byte payloads (records, tombstones) may exceed AMP's
@@ -11,8 +13,8 @@ from twisted.protocols import amp
 
 from .wire import WireError, join_chunks
 
-PROTOCOL_MIN = 2
-PROTOCOL_MAX = 2
+PROTOCOL_MIN = 3
+PROTOCOL_MAX = 3
 
 CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -21,16 +23,22 @@ class Chunked(amp.Argument):
     """Bytes of any length, split over keys ``name``, ``name.1``, ...
 
     ``name`` holds the number of chunks; each chunk is at most one AMP value.
+    An optional one is left out of the box when it is None.
     """
 
     def toBox(self, name, strings, objects, proto):
-        value = objects[_identifier(name)]
+        value = objects.get(_identifier(name))
+        if value is None and self.optional:
+            return
         chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
         strings[name] = b"%d" % len(chunks)
         for index, chunk in enumerate(chunks):
             strings[b"%s.%d" % (name, index + 1)] = chunk
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            objects[_identifier(name)] = None
+            return
         # A forged count or a missing chunk is a WireError (BAD_INPUT).
         objects[_identifier(name)] = join_chunks(strings, name)
 
@@ -75,6 +83,12 @@ COMMON_ERRORS = {
     StaleEpoch: b"STALE_EPOCH",
     NotHolder: b"NOT_HOLDER",
 }
+
+
+# What Copied says of records it did not take: an error code, or a failed disk.
+DISK_FAILED = "DISK"
+REFUSAL_CODES = frozenset({*(code.decode("ascii") for code in COMMON_ERRORS.values()),
+                           DISK_FAILED})
 
 
 class Hello(amp.Command):
@@ -132,28 +146,39 @@ class Heartbeat(amp.Command):
     errors = dict(COMMON_ERRORS)
 
 
-class Replicate(amp.Command):
-    """Hold copies of the caller's new messages (one call per reactor turn).
-
-    ``held`` is False when the callee stored them but may not count as a
-    holder yet (it is recovering).
-    """
+class Stream(amp.Command):
+    """What a turn of the caller changed, for the callee to hold (not
+    answered; see :mod:`dqid.stream`): its new records, numbered ``seq`` on
+    this link (both present or both absent); the states of its own messages
+    that changed (``wire.encode_states``); tombstones of any owner.
+    ``epoch`` is the caller's serving epoch.  The callee acknowledges
+    records with ``Copied``."""
 
     arguments = [
-        (b"owner", amp.Unicode()),
         (b"epoch", amp.Integer()),
-        (b"records", Chunked()),
+        (b"seq", amp.Integer(optional=True)),
+        (b"records", Chunked(optional=True)),
+        (b"states", Chunked(optional=True)),
+        (b"tombstones", Chunked(optional=True)),
     ]
-    response = [(b"held", amp.Boolean())]
-    errors = dict(COMMON_ERRORS)
-
-
-class Tombstones(amp.Command):
-    """Merge these tombstones (acks and withdrawn pushes, any owner)."""
-
-    arguments = [(b"tombstones", Chunked())]
     response: list = []
-    errors = dict(COMMON_ERRORS)
+    requiresAnswer = False
+
+
+class Copied(amp.Command):
+    """The callee's records numbered up to ``upto`` on this link are held
+    by the caller (cumulative, not answered).  ``holder`` is False when the
+    caller stored them but may not count as a holder yet (it is
+    recovering); ``refused`` is an error code (``STALE_EPOCH``,
+    ``NOT_HOLDER``, ``BAD_INPUT``, ``DISK``) when it did not take them."""
+
+    arguments = [
+        (b"upto", amp.Integer()),
+        (b"holder", amp.Boolean()),
+        (b"refused", amp.Unicode(optional=True)),
+    ]
+    response: list = []
+    requiresAnswer = False
 
 
 class Ack(amp.Command):
@@ -182,15 +207,6 @@ class Lease(amp.Command):
         (b"delay", amp.Float(optional=True)),
     ]
     response = [(b"outcome", amp.Unicode())]
-    errors = dict(COMMON_ERRORS)
-
-
-class States(amp.Command):
-    """Deliveries, held states and due times of the caller's own messages
-    changed (``wire.encode_states``); batched per turn like Tombstones."""
-
-    arguments = [(b"states", Chunked())]
-    response: list = []
     errors = dict(COMMON_ERRORS)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -69,16 +69,16 @@ class Handlers(Protocol):
     def on_heartbeat(self, link: "PeerProtocol", epoch: int, ready: int,
                      serving: bool) -> dict: ...
 
-    def on_replicate(self, link: "PeerProtocol", owner: str, epoch: int,
-                     records: bytes) -> bool | Deferred: ...
+    def on_stream(self, link: "PeerProtocol", epoch: int, seq: int | None,
+                  records: bytes | None, states: bytes | None,
+                  tombstones: bytes | None) -> None: ...
 
-    def on_tombstones(self, tombstones: bytes) -> None: ...
+    def on_copied(self, link: "PeerProtocol", upto: int, holder: bool,
+                  refused: str | None) -> None: ...
 
     def on_ack(self, ids: list[str]) -> Deferred: ...
 
     def on_lease(self, message_id: str, change: LeaseChange) -> str: ...
-
-    def on_states(self, link: "PeerProtocol", states: bytes) -> None: ...
 
     def on_peek(self, message_id: str) -> dict: ...
 
@@ -153,6 +153,8 @@ class PeerProtocol(amp.AMP):
         except Exception as error:
             command = name.decode("ascii", "replace")
             self._bad_input(WireError(f"arguments not understood: {error!r}"[:200]), command)
+            if amp.ASK not in box:  # unanswered (Stream, Copied): dropped
+                return succeed(None)
             return fail(amp.RemoteAmpError(b"BAD_INPUT", "arguments not understood"))
 
     # -- authentication ------------------------------------------------------
@@ -294,25 +296,36 @@ class PeerProtocol(amp.AMP):
             raise self._bad_input(error, "Heartbeat") from None
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
-    @cmd.Replicate.responder
-    def replicate(self, owner: str, epoch: int, records: bytes) -> dict | Deferred:
-        self._from_peer()
+    @cmd.Stream.responder
+    def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
+               states: bytes | None = None, tombstones: bytes | None = None) -> dict:
+        # Unanswered: a bad box is logged and dropped, the link stays.
+        if self.peer_id is None:
+            self._bad_input(WireError("Stream before Hello"), "Stream")
+            return {}
         try:
             checked_epoch(epoch)
-            held = self.handlers.on_replicate(self, owner, epoch, records)
+            if seq is not None:
+                checked_count(seq, MAX_EPOCH)
         except WireError as error:
-            raise self._bad_input(error, "Replicate") from None
-        if isinstance(held, Deferred):  # --data-dir: once the copies are on disk
-            return held.addCallback(lambda serving: {"held": serving})
-        return {"held": held}
+            self._bad_input(error, "Stream")
+            return {}
+        self.handlers.on_stream(self, epoch, seq, records, states, tombstones)
+        return {}
 
-    @cmd.Tombstones.responder
-    def tombstones(self, tombstones: bytes) -> dict:
-        self._from_peer()
+    @cmd.Copied.responder
+    def copied(self, upto: int, holder: bool, refused: str | None = None) -> dict:
+        if self.peer_id is None:
+            self._bad_input(WireError("Copied before Hello"), "Copied")
+            return {}
         try:
-            self.handlers.on_tombstones(tombstones)
+            checked_count(upto, MAX_EPOCH)
+            if refused is not None and refused not in cmd.REFUSAL_CODES:
+                raise WireError(f"not a refusal: {refused[:20]!r}")
         except WireError as error:
-            raise self._bad_input(error, "Tombstones") from None
+            self._bad_input(error, "Copied")
+            return {}
+        self.handlers.on_copied(self, upto, holder, refused)
         return {}
 
     @cmd.Ack.responder
@@ -345,15 +358,6 @@ class PeerProtocol(amp.AMP):
         except WireError as error:
             raise self._bad_input(error, "Lease") from None
         return {"outcome": self.handlers.on_lease(id, change)}
-
-    @cmd.States.responder
-    def states(self, states: bytes) -> dict:
-        self._from_peer()
-        try:
-            self.handlers.on_states(self, states)
-        except WireError as error:
-            raise self._bad_input(error, "States") from None
-        return {}
 
     @cmd.Peek.responder
     def peek(self, id: str) -> dict:

@@ -3,7 +3,8 @@
 Rules (DESIGN.md, "Replication"):
 
 * A push is pending until ``min_copies`` holders (the owner included) have
-  it; pushes of one reactor turn go to each peer as one ``Replicate``.
+  it; what a reactor turn changed (pushes, states, tombstones) goes to
+  each peer as one unanswered ``Stream`` box, acknowledged with ``Copied``.
   A push that cannot get its copies in time is withdrawn everywhere with a
   tombstone, so it is never delivered later (:mod:`dqid.replicator`).
 * Replica state only merges (union, tombstone wins), so every transfer is
@@ -249,6 +250,7 @@ class Cluster:
         self.links.link_up(link, node, epoch, serving)
 
     def link_down(self, link: Link) -> None:
+        self.replicator.link_lost(link)
         self.links.link_down(link)
 
     def _check_caller(self, link: Link, epoch: int) -> None:
@@ -284,7 +286,7 @@ class Cluster:
         self._leave_timer = self.clock.callLater(self.timings.fence_linger, self._leave)
 
     def _leave(self) -> None:
-        self.replicator.flush_tombstones()
+        self.replicator.flush()
         self.links.close_all()
 
     # -- heartbeats ----------------------------------------------------------
@@ -328,20 +330,18 @@ class Cluster:
 
     # -- the rest of the AMP Handlers ---------------------------------------
 
-    def on_replicate(self, link: Link, owner: str, epoch: int, records: bytes) -> bool:
-        return self.replicator.on_replicate(link, owner, epoch, records)
+    def on_stream(self, link: Link, epoch: int, seq: int | None, records: bytes | None,
+                  states: bytes | None, tombstones: bytes | None) -> None:
+        self.replicator.on_stream(link, epoch, seq, records, states, tombstones)
 
-    def on_tombstones(self, tombstones: bytes) -> None:
-        self.replicator.on_tombstones(tombstones)
+    def on_copied(self, link: Link, upto: int, holder: bool, refused: str | None) -> None:
+        self.replicator.on_copied(link, upto, holder, refused)
 
     def on_ack(self, ids: list[str]) -> Deferred:
         return self.router.on_ack(ids)
 
     def on_lease(self, message_id: str, change: LeaseChange) -> str:
         return self.router.on_lease(message_id, change)
-
-    def on_states(self, link: Link, states: bytes) -> None:
-        self.replicator.on_states(link, states)
 
     def on_peek(self, message_id: str) -> dict:
         return self.router.on_peek(message_id)

@@ -48,6 +48,14 @@ class Links:
         d.addTimeout(self.timings.call_timeout if timeout is None else timeout, self.clock)
         return d
 
+    def send(self, link: Link, command: type, **arguments: Any) -> None:
+        """callRemote of a command that is not answered (``requiresAnswer``
+        False): nothing comes back, unless the arguments cannot be sent."""
+        d = link.callRemote(command, **arguments)
+        if d is not None:
+            d.addErrback(lambda failure: self.log.failure(
+                "could not send {command}", failure, command=command.__name__))
+
     # -- who is there --------------------------------------------------------
 
     def is_connected(self, peer: Peer) -> bool:

@@ -1,12 +1,16 @@
-"""Replication of pushes (group commit) and of tombstones.
+"""Replication: pushes (group commit), states and tombstones, as a stream.
 
 A push is pending until ``min_copies`` holders (the owner included) have
-it; the pushes of one reactor turn go to each peer as one ``Replicate``,
-and at most ``MAX_IN_FLIGHT`` of those calls are unanswered per peer (what
-waits goes as one call when one is answered).  A push that cannot get its
-copies in time is withdrawn everywhere with a tombstone, so it is never
-delivered later.  Tombstones (acks, withdrawn pushes) travel the same way,
-batched per turn, as ``Tombstones``.
+it.  What a reactor turn changed goes to each linked peer as one ``Stream``
+box that needs no answer: the turn's new records (numbered per link), the
+changed states of the node's own messages, and tombstones.  Each peer says
+``Copied(upto)`` once per turn for every record it holds (on disk, with
+``--data-dir``), and the pushes settle from that (:mod:`dqid.stream`).  At
+most ``MAX_IN_FLIGHT`` numbered boxes wait unacknowledged per peer; what
+comes meanwhile waits and goes as one box (group commit under load).  A
+link lost, or a peer that acknowledges nothing for ``replication_timeout``,
+counts as no copy.  A push that cannot get its copies in time is withdrawn
+everywhere with a tombstone, so it is never delivered later.
 """
 
 from __future__ import annotations
@@ -27,15 +31,23 @@ from .links import Links
 from .peers import Link, Peer
 from .queue import Message
 from .readiness import Readiness
+from .stream import Acknowledger, Received, Unanswered
 from .timings import Timings
 from .tombstones import Tombstones
 from .wire import (
-    decode_records, decode_states, decode_tombstones, encode_records, encode_states,
-    encode_tombstones,
+    WireError, decode_records, decode_states, decode_tombstones, encode_records,
+    encode_states, encode_tombstones,
 )
 
-# Replicate calls to one peer that may be unanswered at once.
+# Numbered Stream boxes to one peer that may wait unacknowledged at once.
 MAX_IN_FLIGHT = 4
+
+
+
+def refusal(error: Exception) -> str:
+    """The code Copied says for records refused with ``error``."""
+    return next(code.decode("ascii") for kind, code in cmd.COMMON_ERRORS.items()
+                if isinstance(error, kind))
 
 
 @dataclass(eq=False)
@@ -54,9 +66,10 @@ class Batch:
 
 @dataclass(eq=False)
 class Lane:
-    """What goes to one peer: calls unanswered, batches waiting."""
+    """What goes to one peer: boxes unacknowledged on its link, batches
+    waiting for room."""
 
-    in_flight: int = 0
+    sent: Unanswered[list[Batch]] | None = None
     backlog: list[Batch] = field(default_factory=list)
 
 
@@ -70,19 +83,27 @@ class Replicator:
         self.links = links
         self.holdings = holdings
         self.readiness = readiness
-        self.epoch = epoch  # the node's own epoch, for its Replicate calls
+        self.epoch = epoch  # the node's own epoch, for its Stream boxes
         self.clock = clock
         self.timings = timings
         self.min_copies = min_copies
         self.failed_call = failed_call  # logs, and fences on StaleEpoch
         self.work_arrived = work_arrived  # a peer's ready count rose
-        self._batch: Batch | None = None
         self._lanes: dict[str, Lane] = {name: Lane() for name in links.peers}
-        self._outgoing: Tombstones | None = None
+        # This turn's changes, sent when it ends.
+        self._turn_ends: IDelayedCall | None = None
+        self._batch: Batch | None = None
+        self._states: list[Message] = []
+        self._tombstones: Tombstones | None = None
+        # The peer side: what each link's owner sent, acknowledged per turn.
+        self._acknowledgers: dict[Link, Acknowledger] = {}
+        self._to_acknowledge: set[Link] = set()
+        self._acknowledging: IDelayedCall | None = None
 
     def in_flight(self, peer: str) -> int:
-        """Replicate calls to ``peer`` not answered yet."""
-        return self._lanes[peer].in_flight
+        """Numbered boxes to ``peer`` not acknowledged yet."""
+        sent = self._lanes[peer].sent
+        return 0 if sent is None else len(sent)
 
     def holders_reason(self) -> str | None:
         """Why a push cannot get its copies now, or None."""
@@ -91,7 +112,7 @@ class Replicator:
             return f"only {holders} of {self.min_copies} required copies reachable"
         return None
 
-    # -- pushes --------------------------------------------------------------
+    # -- what a turn changed -------------------------------------------------
 
     def replicate(self, messages: Sequence[Message]) -> Deferred:
         """Fires once ``min_copies`` nodes hold ``messages``."""
@@ -100,7 +121,7 @@ class Replicator:
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch()
-            self.clock.callLater(0, self._flush_batch)
+            self._end_turn_later()
         batch.messages.extend(messages)
         if self.min_copies <= 1:
             return succeed(None)
@@ -108,67 +129,144 @@ class Replicator:
         batch.waiters.append(waiter)
         return waiter
 
-    def _flush_batch(self) -> None:
+    def tombstone(self, message_id: str) -> Deferred | None:
+        """Write one tombstone here and send it to every peer with this
+        turn's changes; with ``--data-dir``, a Deferred that fires once it
+        is on disk here."""
+        mid = parse_id(message_id)
+        written = self.holdings.tombstone(message_id)
+        if self._tombstones is None:
+            self._tombstones = Tombstones()
+            self._end_turn_later()
+        self._tombstones.add(mid.node, mid.epoch, mid.seq)
+        return written
+
+    def states_changed(self, changed: list[Message]) -> None:
+        """The node's ``changed`` messages changed state (the node gathers
+        a turn's changes): they go to every linked peer with this turn's."""
+        if changed:
+            self._states.extend(changed)
+            self._end_turn_later()
+
+    def _end_turn_later(self) -> None:
+        if self._turn_ends is None:
+            self._turn_ends = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send what this turn changed, now: one Stream box per linked
+        peer (every peer with a link, even one whose heartbeat is late:
+        what misses a peer is only restored by anti-entropy)."""
+        if self._turn_ends is not None:
+            if self._turn_ends.active():
+                self._turn_ends.cancel()
+            self._turn_ends = None
         batch, self._batch = self._batch, None
-        if batch is None or not batch.messages:
-            return
-        if self.min_copies > 1:
+        if batch is not None and batch.messages and self.min_copies > 1:
             reason = self.holders_reason()
             if reason is not None:
-                self._fail_batch(batch, reason)
-                return
-        # Every peer with a link gets the copies, even one whose heartbeat is
-        # late: a missed copy is only restored by anti-entropy.
-        holders = self.links.linked()
-        batch.targets = len(holders)
-        for peer in holders:
-            self._lanes[peer.node_id].backlog.append(batch)
-            self._send_backlog(peer)
-        if self.min_copies <= 1:
-            batch.done = True
-            return
-        batch.timer = self.clock.callLater(self.timings.replication_timeout,
-                                           self._fail_batch, batch, "replication timed out")
+                self._fail_batch(batch, reason)  # its tombstones go below
+                batch = None
+        states, self._states = self._states, []
+        tombstones, self._tombstones = self._tombstones, None
+        states_payload = encode_states(states) if states else None
+        tombstones_payload = encode_tombstones(tombstones) if tombstones else None
+        peers = self.links.linked()
+        encoded: dict[tuple[int, ...], bytes] = {}  # records, once per set of batches
+        if batch is not None and batch.messages:
+            batch.targets = len(peers)
+            for peer in peers:
+                self._lanes[peer.node_id].backlog.append(batch)
+            if self.min_copies <= 1:
+                batch.done = True
+            else:
+                batch.timer = self.clock.callLater(
+                    self.timings.replication_timeout, self._fail_batch, batch,
+                    "replication timed out")
+        for peer in peers:
+            self._send(peer, encoded, states_payload, tombstones_payload)
 
-    def _send_backlog(self, peer: Peer) -> None:
-        """Send what waits for ``peer`` as one Replicate, unless
-        ``MAX_IN_FLIGHT`` calls to it are unanswered: then it waits, and
-        grows, until one is answered (group commit under load)."""
+    def _send(self, peer: Peer, encoded: dict[tuple[int, ...], bytes],
+              states: bytes | None = None, tombstones: bytes | None = None) -> None:
+        """One Stream box to ``peer``: what waits in its lane, unless
+        ``MAX_IN_FLIGHT`` numbered boxes are unacknowledged (then it waits,
+        and grows, until one is), and ``states`` and ``tombstones``."""
         lane = self._lanes[peer.node_id]
-        if lane.in_flight >= MAX_IN_FLIGHT or not lane.backlog:
-            return
-        batches = [b for b in lane.backlog if not b.failed]
-        lane.backlog = []
         link = peer.link()
         if link is None:
+            batches, lane.backlog = lane.backlog, []
             self._count_answers(batches, held=False)
             return
-        if not batches:
+        sent = lane.sent
+        if sent is None or sent.link is not link:
+            if sent is not None:  # a new link: the old one settles nothing more
+                self._count_answers_of(sent.drop_all(), held=False)
+            sent = lane.sent = Unanswered(link)
+        oldest = sent.oldest_sent()
+        now = self.clock.seconds()
+        if oldest is not None and now - oldest > self.timings.replication_timeout:
+            # The peer acknowledged nothing for that long: no copies there.
+            self._count_answers_of(sent.drop_all(), held=False)
+        seq = records = None
+        if lane.backlog and len(sent) < MAX_IN_FLIGHT:
+            batches = [b for b in lane.backlog if not b.failed]
+            lane.backlog = []
+            if batches:
+                key = tuple(id(b) for b in batches)
+                records = encoded.get(key)
+                if records is None:
+                    records = encoded[key] = encode_records(
+                        [m for b in batches for m in b.messages])
+                seq = sent.send(batches, now)
+        if records is None and states is None and tombstones is None:
             return
-        payload = encode_records([m for b in batches for m in b.messages])
-        lane.in_flight += 1
-        d = self.links.call(link, cmd.Replicate, timeout=self.timings.replication_timeout,
-                            owner=self.links.me, epoch=self.epoch(), records=payload)
-        d.addCallbacks(self._replicated, self._replicate_failed,
-                       callbackArgs=(batches, peer), errbackArgs=(batches, peer))
+        self.links.send(link, cmd.Stream, epoch=self.epoch(), seq=seq, records=records,
+                        states=states, tombstones=tombstones)
 
-    def _replicated(self, answer: dict, batches: list[Batch], peer: Peer) -> None:
-        self._lanes[peer.node_id].in_flight -= 1
+    def on_copied(self, link: Link, upto: int, holder: bool, refused: str | None) -> None:
+        """``link``'s peer holds our records numbered up to ``upto`` (or
+        refused them)."""
+        peer = self.links.peers.get(link.peer_id or "")
+        if peer is None:
+            return
+        lane = self._lanes[peer.node_id]
+        if lane.sent is None or lane.sent.link is not link:
+            return  # about an older link: counted as no copy already
         peer.last_seen = self.links.now()
-        self._count_answers(batches, held=answer["held"])
-        self._send_backlog(peer)
+        settled = lane.sent.acknowledged(upto)
+        if refused is not None:
+            self._refused(peer, refused)
+        self._count_answers_of(settled, held=holder and refused is None)
+        if lane.backlog:
+            self._send(peer, {})
 
-    def _replicate_failed(self, failure: Failure, batches: list[Batch], peer: Peer) -> None:
-        self._lanes[peer.node_id].in_flight -= 1
-        self.failed_call(failure, "replicate", peer)
-        self._count_answers(batches, held=False)
-        self._send_backlog(peer)
+    def _refused(self, peer: Peer, code: str) -> None:
+        if code == refusal(cmd.StaleEpoch()):
+            error: Exception = cmd.StaleEpoch(f"{peer.node_id} knows a newer epoch")
+        else:
+            error = cmd.NotHolder(f"{peer.node_id} refused our records: {code}")
+        self.failed_call(Failure(error), "stream", peer)
+
+    def link_lost(self, link: Link) -> None:
+        """``link`` closed: what waited on it is no copy; its peer side is gone."""
+        self._acknowledgers.pop(link, None)
+        self._to_acknowledge.discard(link)
+        for lane in self._lanes.values():
+            if lane.sent is not None and lane.sent.link is link:
+                sent, lane.sent = lane.sent, None
+                self._count_answers_of(sent.drop_all(), held=False)
 
     def peer_down(self, peer: Peer) -> None:
         """``peer`` is down: what waited for it will not reach it."""
         lane = self._lanes[peer.node_id]
         batches, lane.backlog = lane.backlog, []
         self._count_answers(batches, held=False)
+        sent, lane.sent = lane.sent, None
+        if sent is not None:
+            self._count_answers_of(sent.drop_all(), held=False)
+
+    def _count_answers_of(self, settled: list[list[Batch]], held: bool) -> None:
+        for batches in settled:
+            self._count_answers(batches, held)
 
     def _count_answers(self, batches: list[Batch], held: bool) -> None:
         for batch in batches:
@@ -204,65 +302,87 @@ class Replicator:
         for waiter in batch.waiters:
             waiter.errback(NotReplicated(why))
 
-    def on_replicate(self, link: Link, owner: str, epoch: int, records: bytes) -> bool:
-        """Hold copies of ``owner``'s records; whether this node counts as
-        a holder (it does not while it recovers)."""
-        if owner != link.peer_id:
-            raise cmd.NotHolder("replicate your own messages only")
-        self.holdings.check_epoch(owner, epoch)
-        decoded = decode_records(records)  # a WireError changes nothing
-        if any(record.mid.node != owner for record in decoded):
-            raise cmd.NotHolder("replicate your own messages only")
-        self.holdings.note_epoch(owner, epoch)
+    # -- the peer side -------------------------------------------------------
+
+    def on_stream(self, link: Link, epoch: int, seq: int | None, records: bytes | None,
+                  states: bytes | None, tombstones: bytes | None) -> None:
+        """Take what ``link``'s owner sent: hold its records (acknowledged
+        with Copied once held), apply its states, merge the tombstones.
+        Never raises: a part that is bad input is logged and refused."""
+        owner = link.peer_id or ""
         peer = self.links.peers[owner]
         peer.last_seen = self.links.now()
+        if (seq is None) != (records is None):
+            self._bad_stream(link, "records and seq come together")
+            records = None
+            seq = None
+        if seq is not None and records is not None:
+            acknowledger = self._acknowledgers.setdefault(link, Acknowledger())
+            try:
+                entry = acknowledger.receive(seq)
+            except WireError as error:
+                self._bad_stream(link, str(error))
+            else:
+                self._hold(link, peer, epoch, records, entry)
+        if states is not None:
+            try:
+                self.holdings.check_epoch(owner, epoch)
+                self.holdings.merge_states(decode_states(states), owner)
+            except WireError as error:
+                self._bad_stream(link, str(error))
+            except cmd.StaleEpoch:
+                pass  # an older incarnation no longer speaks for its messages
+        if tombstones is not None:
+            # Even from a fenced owner: withdrawn pushes must stay withdrawn.
+            try:
+                self.holdings.merge_tombstones(decode_tombstones(tombstones))
+            except WireError as error:
+                self._bad_stream(link, str(error))
+
+    def _hold(self, link: Link, peer: Peer, epoch: int, records: bytes,
+              entry: Received) -> None:
+        owner = peer.node_id
+        try:
+            self.holdings.check_epoch(owner, epoch)
+            decoded = decode_records(records)
+            if any(record.mid.node != owner for record in decoded):
+                raise cmd.NotHolder("replicate your own messages only")
+        except (WireError, cmd.StaleEpoch, cmd.NotHolder) as error:
+            if isinstance(error, WireError):
+                self._bad_stream(link, str(error))
+            self._settled(link, entry, False, refusal(error))
+            return
+        self.holdings.note_epoch(owner, epoch)
         added, written = self.holdings.merge_replicated(decoded)
         if added:
             peer.ready_count += added
             self.clock.callLater(0, self.work_arrived)
-        if written is not None:  # --data-dir: held once the copies are on disk
-            return written.addCallback(lambda _: self.readiness.serving)
-        return self.readiness.serving
-
-    # -- tombstones ----------------------------------------------------------
-
-    def tombstone(self, message_id: str) -> Deferred | None:
-        """Write one tombstone here and send it to every peer (this turn's
-        tombstones go as one call per peer); with ``--data-dir``, a
-        Deferred that fires once it is on disk here."""
-        mid = parse_id(message_id)
-        written = self.holdings.tombstone(message_id)
-        if self._outgoing is None:
-            self._outgoing = Tombstones()
-            self.clock.callLater(0, self.flush_tombstones)
-        self._outgoing.add(mid.node, mid.epoch, mid.seq)
-        return written
-
-    def states_changed(self, changed: list[Message]) -> None:
-        """The node's ``changed`` messages changed state (the node gathers
-        a turn's changes): send them to every linked peer."""
-        if not changed:
+        if written is None:
+            self._settled(link, entry, self.readiness.serving)
             return
-        self._to_every_linked_peer(cmd.States, "states", states=encode_states(changed))
+        # --data-dir: held once the copies are on disk.
+        written.addCallbacks(
+            lambda _: self._settled(link, entry, self.readiness.serving),
+            lambda _: self._settled(link, entry, False, cmd.DISK_FAILED))
 
-    def flush_tombstones(self) -> None:
-        tombstones, self._outgoing = self._outgoing, None
-        if tombstones is None:
-            return
-        self._to_every_linked_peer(cmd.Tombstones, "tombstones",
-                                   tombstones=encode_tombstones(tombstones))
+    def _settled(self, link: Link, entry: Received, holder: bool,
+                 refused: str | None = None) -> None:
+        Acknowledger.settle(entry, holder, refused)
+        self._to_acknowledge.add(link)
+        if self._acknowledging is None:
+            self._acknowledging = self.clock.callLater(0, self._acknowledge)
 
-    def _to_every_linked_peer(self, command: type, what: str, **arguments: bytes) -> None:
-        """Every peer with a link, even one whose heartbeat is late: what
-        misses a peer is only restored by anti-entropy."""
-        for peer in self.links.linked():
-            link = peer.link()
-            assert link is not None
-            d = self.links.call(link, command, **arguments)
-            d.addErrback(self.failed_call, what, peer)
+    def _acknowledge(self) -> None:
+        """Once per turn: each link's cumulative Copied."""
+        self._acknowledging = None
+        links, self._to_acknowledge = self._to_acknowledge, set()
+        for link in links:
+            acknowledger = self._acknowledgers.get(link)
+            if acknowledger is None:
+                continue
+            for upto, holder, refused in acknowledger.due():
+                self.links.send(link, cmd.Copied, upto=upto, holder=holder, refused=refused)
 
-    def on_tombstones(self, payload: bytes) -> None:
-        self.holdings.merge_tombstones(decode_tombstones(payload))
-
-    def on_states(self, link: Link, payload: bytes) -> None:
-        self.holdings.merge_states(decode_states(payload), link.peer_id or "")
+    def _bad_stream(self, link: Link, why: str) -> None:
+        self.log.warn("bad Stream from peer {peer}: {error}", peer=link.peer_id,
+                      error=why)

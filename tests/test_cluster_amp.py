@@ -277,14 +277,14 @@ def test_pending_pushes_count_toward_size(make):
     failureResultOf(a.push(), QueueFull)
 
 
-def test_pushes_of_one_turn_are_one_replicate_call_per_peer(make, monkeypatch):
+def test_pushes_of_one_turn_are_one_stream_box_per_peer(make, monkeypatch):
     net = make("abc")
     a, b, c = net.start_all()
     calls: list[tuple[str, str | None]] = []
     original = PeerProtocol.callRemote
 
     def counting(self, command, **kw):
-        if command is cmd.Replicate:
+        if command is cmd.Stream and kw.get("records") is not None:
             calls.append((self.handlers.me, self.peer_id))
         return original(self, command, **kw)
 
@@ -304,14 +304,14 @@ def test_pushes_of_one_turn_are_one_replicate_call_per_peer(make, monkeypatch):
     assert sorted(calls) == [("a", "b"), ("a", "c")]
 
 
-def test_replicate_calls_in_flight_per_peer_are_bounded(make, monkeypatch):
+def test_numbered_stream_boxes_in_flight_per_peer_are_bounded(make, monkeypatch):
     net = make("abc", min_copies=2)
     a, b, c = net.start_all()
     calls: list[str | None] = []
     original = PeerProtocol.callRemote
 
     def counting(self, command, **kw):
-        if command is cmd.Replicate and self.handlers.me == "a":
+        if command is cmd.Stream and kw.get("records") is not None and self.handlers.me == "a":
             calls.append(self.peer_id)
         return original(self, command, **kw)
 
@@ -327,7 +327,7 @@ def test_replicate_calls_in_flight_per_peer_are_bounded(make, monkeypatch):
     assert a.cluster.replicator.in_flight("c") == MAX_IN_FLIGHT
     net.resume("a", "c")
     net.settle()
-    # The six batches that waited went to C as one call.
+    # The six batches that waited went to C as one box.
     assert calls.count("c") == MAX_IN_FLIGHT + 1
     assert c.held("a") == 10
     assert a.cluster.replicator.in_flight("c") == 0
@@ -354,13 +354,14 @@ def test_push_that_times_out_is_withdrawn_everywhere(make):
     net.settle()
     assertNoResult(d)
     assert b.held("a") == 1  # B got a copy before the outcome was known
-    net.advance(1.9)
+    net.advance(0.9)
     assertNoResult(d)
-    net.advance(0.2)
-    failureResultOf(d, NotReplicated)  # 503 not_replicated, at the timeout
+    net.advance(1.2)
+    # 503 not_replicated once C counts as down, at the latest at the timeout.
+    failureResultOf(d, NotReplicated)
     assert a.node.queue.depth == 0 and a.node.queue.pending == 0
     assert b.held("a") == 0  # the tombstone reached B
-    # C wakes up: the stale Replicate lands (A had given up on C) ...
+    # C wakes up: the stale Stream box lands (A had given up on C) ...
     net.resume("c")
     net.settle()
     assert c.held("a") == 1
@@ -755,7 +756,7 @@ def test_withdrawn_push_is_not_resurrected_by_a_replacement(make):
     net.advance(2.5)
     failureResultOf(d, NotReplicated)
     assert b.held("a") == 0
-    net.resume("a", "c")  # the late Replicate lands on C; A had dropped C
+    net.resume("a", "c")  # the late Stream box lands on C; A had dropped C
     net.settle()
     assert c.held("a") == 1  # C has a copy and never heard of the withdrawal
     net.cut("a")  # A dies
