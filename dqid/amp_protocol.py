@@ -40,6 +40,10 @@ MAX_TAKE = 1000
 MAX_HELD = 1000
 MAX_IDS = 100_000
 
+# Unanswered commands and the methods that take them (see _receive_unanswered).
+_UNANSWERED = {cmd.Stream.commandName: (cmd.Stream, "stream"),
+               cmd.Copied.commandName: (cmd.Copied, "copied")}
+
 _AUTH_COMMANDS = frozenset({AuthChallenge.commandName, AuthProve.commandName})
 
 
@@ -214,8 +218,13 @@ class PeerProtocol(amp.AMP):
         self._refuse(f"authentication failed: {failure.getErrorMessage()}")
 
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred] | None:
-        """Answer nothing but the handshake until the peer is authenticated."""
+        """Answer nothing but the handshake until the peer is authenticated;
+        then the unanswered commands take the lean path."""
         if self.authenticated or name in _AUTH_COMMANDS:
+            unanswered = _UNANSWERED.get(name) if self.authenticated else None
+            if unanswered is not None:
+                command, method = unanswered
+                return lambda box: self._receive_unanswered(command, method, box)
             return super().locateResponder(name)
         self._refuse(f"{name.decode('ascii', 'replace')!r} before authentication")
         return lambda box: Deferred()  # never answered; the connection closes
@@ -247,6 +256,24 @@ class PeerProtocol(amp.AMP):
             raise
         self._authenticated(peer)
         return {}
+
+    # -- the replication stream: unanswered commands, on the lean path -----
+
+    def send(self, command: type[amp.Command], **values: Any) -> None:
+        """Send an unanswered command (Stream, Copied); nothing comes back,
+        and on a closed link nothing goes."""
+        if self.transport is not None:
+            self.sendBox(cmd.encode_unanswered(command, values))
+
+    def _receive_unanswered(self, command: type[amp.Command], method: str,
+                            box: amp.AmpBox) -> Deferred:
+        try:
+            values = cmd.decode_unanswered(command, box)
+        except WireError as error:
+            self._bad_input(error, command.__name__)
+        else:
+            getattr(self, method)(**values)
+        return succeed(None)
 
     # -- the cluster's commands ----------------------------------------------
 
@@ -296,7 +323,6 @@ class PeerProtocol(amp.AMP):
             raise self._bad_input(error, "Heartbeat") from None
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
-    @cmd.Stream.responder
     def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
                states: bytes | None = None, tombstones: bytes | None = None) -> dict:
         # Unanswered: a bad box is logged and dropped, the link stays.
@@ -313,7 +339,6 @@ class PeerProtocol(amp.AMP):
         self.handlers.on_stream(self, epoch, seq, records, states, tombstones)
         return {}
 
-    @cmd.Copied.responder
     def copied(self, upto: int, holder: bool, refused: str | None = None) -> dict:
         if self.peer_id is None:
             self._bad_input(WireError("Copied before Hello"), "Copied")

@@ -49,12 +49,8 @@ class Links:
         return d
 
     def send(self, link: Link, command: type, **arguments: Any) -> None:
-        """callRemote of a command that is not answered (``requiresAnswer``
-        False): nothing comes back, unless the arguments cannot be sent."""
-        d = link.callRemote(command, **arguments)
-        if d is not None:
-            d.addErrback(lambda failure: self.log.failure(
-                "could not send {command}", failure, command=command.__name__))
+        """Send an unanswered command (``requiresAnswer`` False)."""
+        link.send(command, **arguments)
 
     # -- who is there --------------------------------------------------------
 

@@ -31,6 +31,8 @@ class Link(Protocol):
 
     def callRemote(self, command: type, **arguments: Any) -> Deferred: ...
 
+    def send(self, command: type, **arguments: Any) -> None: ...
+
 
 @dataclass(eq=False)
 class Peer:

@@ -3,7 +3,10 @@
 A push is pending until ``min_copies`` holders (the owner included) have
 it.  What a reactor turn changed goes to each linked peer as one ``Stream``
 box that needs no answer: the turn's new records (numbered per link), the
-changed states of the node's own messages, and tombstones.  Each peer says
+changed states of the node's own messages, and tombstones.  States
+are not urgent: they wait up to ``states_linger`` for a box that goes
+anyway, and a message acked meanwhile sends none (its tombstone says
+more).  Each peer says
 ``Copied(upto)`` once per turn for every record it holds (on disk, with
 ``--data-dir``), and the pushes settle from that (:mod:`dqid.stream`).  At
 most ``MAX_IN_FLIGHT`` numbered boxes wait unacknowledged per peer; what
@@ -29,7 +32,7 @@ from .holdings import Holdings
 from .ids import parse_id
 from .links import Links
 from .peers import Link, Peer
-from .queue import Message
+from .queue import GONE, Message
 from .readiness import Readiness
 from .stream import Acknowledger, Received, Unanswered
 from .timings import Timings
@@ -93,7 +96,8 @@ class Replicator:
         # This turn's changes, sent when it ends.
         self._turn_ends: IDelayedCall | None = None
         self._batch: Batch | None = None
-        self._states: list[Message] = []
+        self._states: dict[str, Message] = {}  # by id: each message once
+        self._states_due: IDelayedCall | None = None
         self._tombstones: Tombstones | None = None
         # The peer side: what each link's owner sent, acknowledged per turn.
         self._acknowledgers: dict[Link, Acknowledger] = {}
@@ -143,10 +147,12 @@ class Replicator:
 
     def states_changed(self, changed: list[Message]) -> None:
         """The node's ``changed`` messages changed state (the node gathers
-        a turn's changes): they go to every linked peer with this turn's."""
-        if changed:
-            self._states.extend(changed)
-            self._end_turn_later()
+        a turn's changes): they go to every linked peer with the next box,
+        within ``states_linger``."""
+        for message in changed:
+            self._states[message.id] = message
+        if self._states and self._states_due is None:
+            self._states_due = self.clock.callLater(self.timings.states_linger, self.flush)
 
     def _end_turn_later(self) -> None:
         if self._turn_ends is None:
@@ -166,7 +172,12 @@ class Replicator:
             if reason is not None:
                 self._fail_batch(batch, reason)  # its tombstones go below
                 batch = None
-        states, self._states = self._states, []
+        if self._states_due is not None:
+            if self._states_due.active():
+                self._states_due.cancel()
+            self._states_due = None
+        states = [m for m in self._states.values() if m.state != GONE]
+        self._states = {}
         tombstones, self._tombstones = self._tombstones, None
         states_payload = encode_states(states) if states else None
         tombstones_payload = encode_tombstones(tombstones) if tombstones else None

@@ -281,14 +281,14 @@ def test_pushes_of_one_turn_are_one_stream_box_per_peer(make, monkeypatch):
     net = make("abc")
     a, b, c = net.start_all()
     calls: list[tuple[str, str | None]] = []
-    original = PeerProtocol.callRemote
+    original = PeerProtocol.send
 
     def counting(self, command, **kw):
         if command is cmd.Stream and kw.get("records") is not None:
             calls.append((self.handlers.me, self.peer_id))
         return original(self, command, **kw)
 
-    monkeypatch.setattr(PeerProtocol, "callRemote", counting)
+    monkeypatch.setattr(PeerProtocol, "send", counting)
     pushes = [a.push(b"m%d" % i) for i in range(10)]
     net.settle()
     ids = [successResultOf(d).ids[0] for d in pushes]
@@ -308,14 +308,14 @@ def test_numbered_stream_boxes_in_flight_per_peer_are_bounded(make, monkeypatch)
     net = make("abc", min_copies=2)
     a, b, c = net.start_all()
     calls: list[str | None] = []
-    original = PeerProtocol.callRemote
+    original = PeerProtocol.send
 
     def counting(self, command, **kw):
         if command is cmd.Stream and kw.get("records") is not None and self.handlers.me == "a":
             calls.append(self.peer_id)
         return original(self, command, **kw)
 
-    monkeypatch.setattr(PeerProtocol, "callRemote", counting)
+    monkeypatch.setattr(PeerProtocol, "send", counting)
     net.pause("a", "c")  # C is slow to answer (but not yet dead)
     pushes = []
     for i in range(10):  # ten turns: ten batches

@@ -8,6 +8,7 @@ from twisted.internet.defer import maybeDeferred
 
 from dqid.node import LeaseChange
 from dqid.queue import HELD, LeaseLost, NotHeld, UnknownMessage
+from dqid.timings import DEFAULT_TIMINGS
 
 from .amp_harness import Net
 from .helpers import failureResultOf, successResultOf
@@ -22,6 +23,12 @@ def call(net: Net, method, *args):
 
 def replica(member, message_id):
     return member.cluster.store.get(message_id)
+
+
+def states_sent(net: Net) -> None:
+    """Let changed states reach the replicas (they wait for a box going
+    anyway, ``states_linger`` at most)."""
+    net.advance(DEFAULT_TIMINGS.states_linger)
 
 
 def test_nack_and_touch_through_a_peer_need_the_current_receipt(make):
@@ -45,20 +52,23 @@ def test_delivery_counts_held_state_and_due_times_reach_the_replicas(make):
     a, b, c = net.start_all()
     message_id = pushed_id(net, a)
     (first,) = got(net, a, count=1)
-    net.settle()
+    states_sent(net)
     assert replica(b, message_id).deliveries == replica(c, message_id).deliveries == 1
     successResultOf(call(net, a.node.nack, message_id, first.receipt, 10.0))
     due = a.node.queue.get(message_id).due
+    states_sent(net)
     assert due is not None and replica(b, message_id).due == due
     net.advance(10.0)
     (second,) = got(net, a, count=1)
     successResultOf(call(net, a.node.nack, message_id, second.receipt))  # 2nd: held
     assert a.node.queue.get(message_id).state == HELD
+    states_sent(net)
     for peer in (b, c):
         record = replica(peer, message_id)
         assert (record.deliveries, record.held, record.due) == (2, True, None)
     successResultOf(call(net, c.node.kick, message_id))  # through a peer
     assert a.node.queue.ready == 1
+    states_sent(net)
     assert not replica(b, message_id).held and not replica(c, message_id).held
 
 
