@@ -46,7 +46,12 @@ class MessageLike(Protocol):
 
 @dataclass(slots=True, eq=False)
 class Record:
-    """One message as it travels between nodes and sits in a replica."""
+    """One message as it travels between nodes and sits in a replica.
+
+    A replica holds many of these, so a record carries no more than it
+    must: ``parsed`` is dropped once it is stored (ids parse again on the
+    rare reads that need them), and only a record leased from a peer has a
+    receipt (:class:`Taken`)."""
 
     id: str
     body: bytes
@@ -56,7 +61,8 @@ class Record:
     parsed: MessageId | None = None  # parse_id(id), when the decoder did it
     held: bool = False
     due: float | None = None
-    receipt: str | None = None  # a lease taken from a peer (Take): its receipt
+
+    receipt = None  # only a Taken record has one
 
     @property
     def mid(self) -> MessageId:
@@ -67,6 +73,18 @@ class Record:
     @property
     def owner(self) -> str:
         return self.mid.node
+
+
+@dataclass(slots=True, eq=False)
+class Taken(Record):
+    """A record leased from its owner (AMP ``Take``), with the lease's receipt."""
+
+    receipt: str | None = None  # type: ignore[assignment]
+
+    @classmethod
+    def lent(cls, record: Record, receipt: str) -> "Taken":
+        return cls(record.id, record.body, record.content_type, record.key,
+                   record.deliveries, record.parsed, record.held, record.due, receipt)
 
 
 class ReplicaStore:
@@ -112,6 +130,7 @@ class ReplicaStore:
         if record.id in by_id:
             return False
         by_id[record.id] = record
+        record.parsed = None  # memory: a held copy keeps only its id
         return True
 
     def add_many(self, records: Iterable[Record]) -> list[Record]:

@@ -26,7 +26,7 @@ from .node import LeaseChange
 from .peers import Link, Peer
 from .queue import LeaseLost, Message, NotHeld, NotLeased, UnknownMessage
 from .readiness import Readiness
-from .replica import Record
+from .replica import Record, Taken
 from .replicator import Replicator
 from .timings import Timings
 from .wire import decode_records, encode_records
@@ -321,10 +321,8 @@ class Router:
             self.log.warn("take from {peer}: {records} records, {receipts} receipts",
                           peer=peer.node_id, records=len(records), receipts=len(receipts))
             return []  # the leases run out there; nothing delivered here
-        for record, receipt in zip(records, receipts):
-            record.receipt = receipt
         peer.ready_count = max(0, peer.ready_count - len(records)) if records else 0
-        return records
+        return [Taken.lent(record, receipt) for record, receipt in zip(records, receipts)]
 
     def on_take(self, count: int, visibility: float) -> dict:
         self._refuse_unless_serving()
