@@ -3,7 +3,11 @@ replacement and any-node requests."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from dqid.timings import DEFAULT_TIMINGS
 
 from .cluster import LocalCluster
 
@@ -246,12 +250,14 @@ def test_a_held_message_survives_its_owners_kill_and_replacement(pool) -> None:
         receipt = got.headers["dqid-receipt"]
         assert cluster[worker].http("POST", f"/nack/{poison}?receipt={receipt}").status == 204
     assert cluster.stats("a")["held"] == 1
-    # The peers learn it (States travel after the turn): then kill -9 a.
     cluster.wait_until(
         lambda: cluster["b"].http("GET", f"/messages/{poison}").headers.get("dqid-state")
         == "held", what="b to see the message held")
     listed = cluster["c"].http("GET", "/held").json()["messages"]
     assert [m["id"] for m in listed] == [poison]
+    # The peers' copies learn it with the next Stream box, within
+    # states_linger (50 ms): then kill -9 a.
+    time.sleep(10 * DEFAULT_TIMINGS.states_linger)
     cluster.replace("a")
     stats = cluster.stats("a")
     assert (stats["held"], stats["delayed"], stats["ready"], stats["depth"]) == (1, 1, 0, 2)
