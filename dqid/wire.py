@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from math import copysign
 from sys import intern
 from typing import Any, Iterable, Mapping
 
@@ -57,6 +58,12 @@ def _quoted(value: object) -> str:
 
 
 # -- records ------------------------------------------------------------------
+
+
+def _due_ok(due: float) -> bool:
+    """A due time as dqid encodes it: 0.0 (none) or a time up to MAX_DUE;
+    not NaN, and not -0.0 (it would decode as "none" and encode as 0.0)."""
+    return 0.0 <= due <= MAX_DUE and copysign(1.0, due) > 0
 
 
 def _text(value: str | None) -> tuple[int, bytes]:
@@ -103,7 +110,7 @@ def decode_records(data: bytes) -> list[Record]:
             if stop > end:
                 raise WireError("truncated record header")
             id_len, ct_len, key_len, deliveries, body_len, flags, due = unpack(data, offset)
-            if flags & ~_HELD or not 0.0 <= due <= MAX_DUE:  # False for NaN
+            if flags & ~_HELD or not _due_ok(due):
                 raise WireError("bad state flags or due time")
             if id_len == _NONE:
                 raise WireError("record without an id")
@@ -159,7 +166,7 @@ def decode_states(data: bytes) -> list[tuple[MessageId, str, int, bool, float | 
             raise WireError(f"state at byte {offset}: truncated")
         id_len, deliveries, flags, due = _STATE.unpack_from(data, offset)
         stop = offset + size + id_len
-        if stop > end or flags & ~_HELD or not 0.0 <= due <= MAX_DUE:
+        if stop > end or flags & ~_HELD or not _due_ok(due):
             raise WireError(f"state at byte {offset}: truncated or bad flags or due")
         try:
             message_id = data[offset + size:stop].decode("ascii")

@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from dqid.ids import NODE_ID_RE, format_id, parse_id
 from dqid.replica import Record
 from dqid.tombstones import Tombstones
-from dqid.wire import decode_records, decode_tombstones, encode_records, encode_tombstones
+from dqid.wire import (
+    WireError, decode_records, decode_states, decode_tombstones, encode_records, encode_states,
+    encode_tombstones,
+)
 
 AMP_MAX_VALUE = 65_535
 MAX_B36 = 36**13 - 1  # the largest epoch or seq an id can carry
@@ -247,3 +250,16 @@ def test_many_tombstone_ranges_exceed_one_amp_value_and_round_trip():
     back = decode_tombstones(data)
     assert back == tombstones
     assert back.range_count() == 20_000
+
+
+def test_a_negative_zero_due_time_is_refused():
+    # -0.0 would decode as "not delayed" and encode again as 0.0: the
+    # encoding would not be the one dqid sends (found by test_wire_fuzz).
+    negative_zero, one = struct.pack(">d", -0.0), struct.pack(">d", 1.0)
+    records = encode_records([Record("a.1.1", b"x", due=1.0)])
+    assert one in records
+    with pytest.raises(WireError):
+        decode_records(records.replace(one, negative_zero))
+    states = encode_states([Record("a.1.1", b"x", due=1.0)])
+    with pytest.raises(WireError):
+        decode_states(states.replace(one, negative_zero))
