@@ -121,8 +121,8 @@ class Cluster:
     async def take(self, count: int, visibility: float) -> list[Record]:
         return await self.router.take(count, visibility)
 
-    async def ack(self, message_id: str, mid: MessageId) -> None:
-        await self.router.ack(message_id, mid)
+    def ack(self, message_id: str, mid: MessageId) -> Deferred:
+        return self.router.ack(message_id, mid)
 
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         await self.router.lease(message_id, mid, change)

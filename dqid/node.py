@@ -20,7 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, NoReturn, Protocol, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, FirstError, fail, gatherResults, succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,8 +52,9 @@ class Remote(Protocol):
     async def take(self, count: int, visibility: float) -> list[Record]:
         """Lease up to ``count`` messages from a peer with ready work."""
 
-    async def ack(self, message_id: str, mid: MessageId) -> None:
-        """Ack a message this node's queue does not hold."""
+    def ack(self, message_id: str, mid: MessageId) -> Deferred:
+        """Ack a message this node's queue does not hold (fails with
+        UnknownMessage when nobody knows it)."""
 
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         """Nack, touch or kick a message owned by a peer."""
@@ -485,24 +488,15 @@ class QueueNode:
         message = self.queue.get(message_id)  # our queue holds our ids only
         if message is not None and message.state != PENDING and not self.readiness.fenced:
             return self.ack_own(message_id)
-        return Deferred.fromCoroutine(self._ack_elsewhere(message_id))
-
-    async def _ack_elsewhere(self, message_id: str) -> None:
         try:
             mid = parse_id(message_id)
         except ValueError:
-            raise UnknownMessage(message_id) from None
+            return fail(UnknownMessage(message_id))
         if mid.node == self.node_id and self.readiness.fenced:
-            raise NotReady(self.readiness.refusal() or "fenced")
-        message = self.queue.get(message_id)
-        if message is not None and message.state != PENDING:
-            written = self.ack_own(message_id)
-            if written is not None:
-                await written
-        elif self.remote is not None:
-            await self.remote.ack(message_id, mid)
-        else:
-            raise UnknownMessage(message_id)
+            return fail(NotReady(self.readiness.refusal() or "fenced"))
+        if self.remote is None:  # a pending message, or none: not ackable
+            return fail(UnknownMessage(message_id))
+        return self.remote.ack(message_id, mid)
 
     def ack_own(self, message_id: str) -> Deferred | None:
         """Ack a message of this node's queue and tell the holders: None,

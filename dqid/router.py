@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -87,20 +87,31 @@ class Router:
 
     # -- acks ----------------------------------------------------------------
 
-    async def ack(self, message_id: str, mid: MessageId) -> None:
-        """Ack a message this node's queue does not hold."""
+    def ack(self, message_id: str, mid: MessageId) -> Deferred:
+        """Ack a message this node's queue does not hold: forwarded to its
+        owner, else written here as a tombstone that reaches it later
+        (fails with UnknownMessage when nobody here knows it)."""
         if mid.node == self.links.me:
             if message_id in self.holdings.recovered:
                 self.replicator.tombstone(message_id)
-                return
-            raise UnknownMessage(message_id)
+                return succeed(None)
+            return fail(UnknownMessage(message_id))
         owner = self.links.peers.get(mid.node)
         if owner is None or self.holdings.is_tombstoned(message_id):
-            raise UnknownMessage(message_id)
+            return fail(UnknownMessage(message_id))
         if self.links.serving_link(owner) is not None:
-            if await self._forward_ack(owner, message_id):
-                self.holdings.tombstone(message_id)
-                return
+            return self._forward_ack(owner, message_id).addCallback(
+                self._forwarded, message_id)
+        return maybeDeferred(self._tombstone_here, message_id)
+
+    def _forwarded(self, acked: bool, message_id: str) -> None:
+        if acked:
+            self.holdings.tombstone(message_id)  # the owner replicates it
+        else:
+            self._tombstone_here(message_id)
+
+    def _tombstone_here(self, message_id: str) -> None:
+        """The owner did not take the ack: a replica's copy is acked here."""
         if self.holdings.store.get(message_id) is None:
             raise UnknownMessage(message_id)
         self.replicator.tombstone(message_id)
