@@ -5,7 +5,7 @@ pushed, copies held for peers, tombstones, delivery counts / held states /
 due times, epochs) into one group of journal entries, written and fsynced
 off the reactor thread by the :class:`~dqid.disklog.DiskLog` (group
 commit).  Callers that must not answer before their change is on disk (a
-201, a 204, a ``Replicate``) wait on the Deferred they get.  When dead
+201, a 204, a ``Copied``) wait on the Deferred they get.  When dead
 entries dominate the log, it is compacted to a snapshot of the live state.
 
 :func:`restore` rebuilds a node (and its holdings) from a replayed data

@@ -2,7 +2,7 @@
 
 Holdings owns the replica store (peers' records, tombstones of every owner,
 the highest epoch known per owner) and, while the node recovers, the node's
-own messages found on peers.  Every way state arrives (a Replicate, a
+own messages found on peers.  Every way state arrives (a Stream box, a
 tombstone batch, a sync page) goes through :meth:`merge_records`,
 :meth:`merge_tombstones` or :meth:`merge_epochs`: union, tombstone wins.
 """

@@ -10,9 +10,11 @@ scenario ends with ``-s``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -184,6 +186,69 @@ def test_rolling_kill_under_load(pool, seed, soak) -> None:
         time.sleep(rng.uniform(0.2, 1.0))
         cluster.replace(victim)
     finish("rolling-kill", cluster, workload)
+
+
+def test_flapping_replica_alone_holds_every_201(pool, seed, soak) -> None:
+    """The stream's acknowledgements: a replica whose links keep resetting
+    (Stream boxes lost in flight, links renumbered from 1 when they come
+    back) must never count as holding what it did not get.  At last its
+    links are reset while pushes to the owner are in flight, and the owner
+    and the other replica are killed -9 at once, before the flapping
+    replica could sync: it alone must hold every message answered 201, and
+    the replacements recover all of them from it."""
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool, fault_proxy=True).start()
+    workload = workload_for(cluster, seed, soak).start()
+    flapping = rng.choice(cluster.ids)
+    owner, other = [n for n in cluster.ids if n != flapping]
+    pushes = itertools.count(1)
+    stop = threading.Event()
+
+    def push_to_owner() -> bool | None:
+        """One push through the owner, counted by the checker; None when
+        the owner is gone (killed while it answered: indeterminate)."""
+        token = f"flap-{owner}-{next(pushes)}-{seed}"
+        workload.checker.attempt(token)
+        try:
+            reply = cluster.push(owner, token.encode())
+        except OSError:
+            return None
+        ok = reply.status == 201
+        workload.checker.pushed(token, "ok" if ok else "refused",
+                                reply.json().get("id") if ok else None)
+        return ok
+
+    def keep_pushing() -> None:
+        while not stop.is_set() and push_to_owner() is not None:
+            pass
+
+    for _ in range(6 if soak else 3):
+        cluster.cut(flapping, "reset")
+        time.sleep(rng.uniform(0.05, 0.3))
+        cluster.heal()
+        time.sleep(rng.uniform(0.2, 0.6))
+        for _ in range(5):  # a burst through the owner while links come back
+            push_to_owner()
+    cluster.wait_until(push_to_owner, timeout=20, what=f"{owner} to answer a push 201")
+    pushers = [threading.Thread(target=keep_pushing, daemon=True) for _ in range(4)]
+    for pusher in pushers:
+        pusher.start()
+    time.sleep(rng.uniform(0.1, 0.3))
+    cluster.cut(flapping, "reset")  # boxes in flight to it are lost ...
+    time.sleep(rng.uniform(0.0, 0.05))
+    cluster[owner].kill()  # ... and it is about to be the only holder
+    cluster[other].kill()
+    stop.set()
+    for pusher in pushers:
+        pusher.join(10)
+    cluster.heal()
+    for victim in (owner, other):
+        cluster.replace(victim, wait="")
+    for victim in (owner, other):
+        cluster[victim].wait_for("/ready", 30)
+    print(f"\n[flapping-replica seed={seed}] {flapping} flapped and was cut under "
+          f"{next(pushes) - 1} pushes to {owner}; {owner} and {other} killed together")
+    finish("flapping-replica", cluster, workload)
 
 
 def test_owner_cut_off_from_its_peers_never_answers_201(pool, seed, soak) -> None:
