@@ -199,14 +199,19 @@ class Holdings:
             return self.journal.tombstone(parse_id(message_id))
         return None
 
-    def merge_tombstones(self, tombstones: Tombstones) -> None:
+    def merge_tombstones(self, tombstones: Tombstones) -> Deferred | None:
+        """Union ``tombstones`` in (acks of our own messages take them out
+        of our queue); with ``--data-dir``, a Deferred that fires once they
+        are on disk."""
+        written = None
         if self.journal is not None:
-            self.journal.tombstones(tombstones).addErrback(lambda f: None)
+            written = self.journal.tombstones(tombstones)
         for record in self.store.merge_tombstones(tombstones):
             self._released(record)
         for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
             del self.recovered[message_id]
         self._apply_own_tombstones(tombstones)
+        return written
 
     def _apply_own_tombstones(self, tombstones: Tombstones) -> None:
         """Acks written elsewhere for messages in our own queue."""

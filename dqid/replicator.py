@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,12 +68,23 @@ class Batch:
 
 
 @dataclass(eq=False)
+class Awaiting:
+    """What one numbered box settles once its peer acknowledges it: copies
+    of pushes, and acks of the peer's own messages (``confirmations`` fire
+    True once the peer, their owner, has the tombstones)."""
+
+    batches: list[Batch]
+    confirmations: list[Deferred]
+
+
+@dataclass(eq=False)
 class Lane:
     """What goes to one peer: boxes unacknowledged on its link, batches
-    waiting for room."""
+    waiting for room, acks of its messages waiting for this turn's box."""
 
-    sent: Unanswered[list[Batch]] | None = None
+    sent: Unanswered[Awaiting] | None = None
     backlog: list[Batch] = field(default_factory=list)
+    confirmations: list[Deferred] = field(default_factory=list)
 
 
 class Replicator:
@@ -145,6 +156,16 @@ class Replicator:
         self._tombstones.add(mid.node, mid.epoch, mid.seq)
         return written
 
+    def confirm_tombstone(self, message_id: str, owner: Peer) -> Deferred:
+        """Ack a message of peer ``owner`` here (a tombstone, sent with this
+        turn's box to every peer): fires True once ``owner`` has it (on
+        disk, with ``--data-dir``), False if that cannot be known (the
+        tombstone reaches it later)."""
+        self.tombstone(message_id)
+        confirmed: Deferred = Deferred()
+        self._lanes[owner.node_id].confirmations.append(confirmed)
+        return confirmed
+
     def states_changed(self, changed: list[Message]) -> None:
         """The node's ``changed`` messages changed state (the node gathers
         a turn's changes): they go to every linked peer with the next box,
@@ -200,24 +221,30 @@ class Replicator:
               states: bytes | None = None, tombstones: bytes | None = None) -> None:
         """One Stream box to ``peer``: what waits in its lane, unless
         ``MAX_IN_FLIGHT`` numbered boxes are unacknowledged (then it waits,
-        and grows, until one is), and ``states`` and ``tombstones``."""
+        and grows, until one is), and ``states`` and ``tombstones`` (the
+        turn's: a box with acks of the peer's messages is numbered, so that
+        the peer confirms them)."""
         lane = self._lanes[peer.node_id]
+        confirmations: list[Deferred] = []
+        if tombstones is not None:  # the turn's box: its acks go in it
+            confirmations, lane.confirmations = lane.confirmations, []
         link = peer.link()
         if link is None:
             batches, lane.backlog = lane.backlog, []
-            self._count_answers(batches, held=False)
+            self._settle(Awaiting(batches, confirmations), held=False)
             return
         sent = lane.sent
         if sent is None or sent.link is not link:
             if sent is not None:  # a new link: the old one settles nothing more
-                self._count_answers_of(sent.drop_all(), held=False)
+                self._settle_all(sent.drop_all(), held=False)
             sent = lane.sent = Unanswered(link)
         oldest = sent.oldest_sent()
         now = self.clock.seconds()
         if oldest is not None and now - oldest > self.timings.replication_timeout:
             # The peer acknowledged nothing for that long: no copies there.
-            self._count_answers_of(sent.drop_all(), held=False)
-        seq = records = None
+            self._settle_all(sent.drop_all(), held=False)
+        records = None
+        batches = []
         if lane.backlog and len(sent) < MAX_IN_FLIGHT:
             batches = [b for b in lane.backlog if not b.failed]
             lane.backlog = []
@@ -227,7 +254,9 @@ class Replicator:
                 if records is None:
                     records = encoded[key] = encode_records(
                         [m for b in batches for m in b.messages])
-                seq = sent.send(batches, now)
+        seq = None
+        if batches or confirmations:
+            seq = sent.send(Awaiting(batches, confirmations), now)
         if records is None and states is None and tombstones is None:
             return
         self.links.send(link, cmd.Stream, epoch=self.epoch(), seq=seq, records=records,
@@ -246,7 +275,9 @@ class Replicator:
         settled = lane.sent.acknowledged(upto)
         if refused is not None:
             self._refused(peer, refused)
-        self._count_answers_of(settled, held=holder and refused is None)
+        for awaiting in settled:
+            self._settle(awaiting, held=holder and refused is None,
+                         confirmed=refused is None)
         if lane.backlog:
             self._send(peer, {})
 
@@ -264,20 +295,28 @@ class Replicator:
         for lane in self._lanes.values():
             if lane.sent is not None and lane.sent.link is link:
                 sent, lane.sent = lane.sent, None
-                self._count_answers_of(sent.drop_all(), held=False)
+                self._settle_all(sent.drop_all(), held=False)
 
     def peer_down(self, peer: Peer) -> None:
         """``peer`` is down: what waited for it will not reach it."""
         lane = self._lanes[peer.node_id]
-        batches, lane.backlog = lane.backlog, []
-        self._count_answers(batches, held=False)
+        waiting = Awaiting(lane.backlog, lane.confirmations)
+        lane.backlog, lane.confirmations = [], []
+        self._settle(waiting, held=False)
         sent, lane.sent = lane.sent, None
         if sent is not None:
-            self._count_answers_of(sent.drop_all(), held=False)
+            self._settle_all(sent.drop_all(), held=False)
 
-    def _count_answers_of(self, settled: list[list[Batch]], held: bool) -> None:
-        for batches in settled:
-            self._count_answers(batches, held)
+    def _settle_all(self, settled: list[Awaiting], held: bool) -> None:
+        for awaiting in settled:
+            self._settle(awaiting, held)
+
+    def _settle(self, awaiting: Awaiting, held: bool, confirmed: bool = False) -> None:
+        """A peer answered for ``awaiting`` (``held``: it counts as a copy;
+        ``confirmed``: it has the acks), or can no longer."""
+        self._count_answers(awaiting.batches, held)
+        for confirmation in awaiting.confirmations:
+            confirmation.callback(confirmed)
 
     def _count_answers(self, batches: list[Batch], held: bool) -> None:
         for batch in batches:
@@ -317,24 +356,30 @@ class Replicator:
 
     def on_stream(self, link: Link, epoch: int, seq: int | None, records: bytes | None,
                   states: bytes | None, tombstones: bytes | None) -> None:
-        """Take what ``link``'s owner sent: hold its records (acknowledged
-        with Copied once held), apply its states, merge the tombstones.
-        Never raises: a part that is bad input is logged and refused."""
+        """Take what ``link``'s owner sent: hold its records, apply its
+        states, merge the tombstones; a numbered box is acknowledged with
+        Copied once its records and tombstones are held (on disk, with
+        ``--data-dir``).  Never raises: a bad part is logged and refused."""
         owner = link.peer_id or ""
         peer = self.links.peers[owner]
         peer.last_seen = self.links.now()
-        if (seq is None) != (records is None):
-            self._bad_stream(link, "records and seq come together")
-            records = None
-            seq = None
-        if seq is not None and records is not None:
+        entry = None
+        if seq is not None and records is None and tombstones is None:
+            self._bad_stream(link, "a number without records or tombstones")
+        elif seq is not None:
             acknowledger = self._acknowledgers.setdefault(link, Acknowledger())
             try:
                 entry = acknowledger.receive(seq)
             except WireError as error:
                 self._bad_stream(link, str(error))
-            else:
-                self._hold(link, peer, epoch, records, entry)
+                records = None  # not acknowledgeable: not taken
+        elif records is not None:
+            self._bad_stream(link, "records without a number")
+            records = None
+        writes: list[Deferred] = []
+        refused = None
+        if records is not None:
+            refused = self._hold(link, peer, epoch, records, writes)
         if states is not None:
             try:
                 self.holdings.check_epoch(owner, epoch)
@@ -346,12 +391,29 @@ class Replicator:
         if tombstones is not None:
             # Even from a fenced owner: withdrawn pushes must stay withdrawn.
             try:
-                self.holdings.merge_tombstones(decode_tombstones(tombstones))
+                written = self.holdings.merge_tombstones(decode_tombstones(tombstones))
             except WireError as error:
                 self._bad_stream(link, str(error))
+                refused = refused or refusal(error)
+            else:
+                if written is not None:
+                    writes.append(written)
+        if entry is None or refused is not None:
+            for written in writes:
+                written.addErrback(lambda f: None)  # the Durability logs a failed disk
+        if entry is None:
+            return
+        if refused is not None or not writes:
+            self._settled(link, entry, refused is None and self.readiness.serving, refused)
+        else:  # --data-dir: held once on disk
+            gatherResults(writes, consumeErrors=True).addCallbacks(
+                lambda _: self._settled(link, entry, self.readiness.serving),
+                lambda _: self._settled(link, entry, False, cmd.DISK_FAILED))
 
     def _hold(self, link: Link, peer: Peer, epoch: int, records: bytes,
-              entry: Received) -> None:
+              writes: list[Deferred]) -> str | None:
+        """Hold ``peer``'s records (their disk write joins ``writes``);
+        why they were refused, or None."""
         owner = peer.node_id
         try:
             self.holdings.check_epoch(owner, epoch)
@@ -361,20 +423,15 @@ class Replicator:
         except (WireError, cmd.StaleEpoch, cmd.NotHolder) as error:
             if isinstance(error, WireError):
                 self._bad_stream(link, str(error))
-            self._settled(link, entry, False, refusal(error))
-            return
+            return refusal(error)
         self.holdings.note_epoch(owner, epoch)
         added, written = self.holdings.merge_replicated(decoded)
         if added:
             peer.ready_count += added
             self.clock.callLater(0, self.work_arrived)
-        if written is None:
-            self._settled(link, entry, self.readiness.serving)
-            return
-        # --data-dir: held once the copies are on disk.
-        written.addCallbacks(
-            lambda _: self._settled(link, entry, self.readiness.serving),
-            lambda _: self._settled(link, entry, False, cmd.DISK_FAILED))
+        if written is not None:
+            writes.append(written)
+        return None
 
     def _settled(self, link: Link, entry: Received, holder: bool,
                  refused: str | None = None) -> None:

@@ -88,8 +88,9 @@ class Router:
     # -- acks ----------------------------------------------------------------
 
     def ack(self, message_id: str, mid: MessageId) -> Deferred:
-        """Ack a message this node's queue does not hold: forwarded to its
-        owner, else written here as a tombstone that reaches it later
+        """Ack a message this node's queue does not hold: sent to its owner
+        (with the replication stream when a copy is here, else as an Ack
+        call), else written here as a tombstone that reaches it later
         (fails with UnknownMessage when nobody here knows it)."""
         if mid.node == self.links.me:
             if message_id in self.holdings.recovered:
@@ -99,10 +100,17 @@ class Router:
         owner = self.links.peers.get(mid.node)
         if owner is None or self.holdings.is_tombstoned(message_id):
             return fail(UnknownMessage(message_id))
-        if self.links.serving_link(owner) is not None:
-            return self._forward_ack(owner, message_id).addCallback(
-                self._forwarded, message_id)
-        return maybeDeferred(self._tombstone_here, message_id)
+        if self.links.serving_link(owner) is None:
+            return maybeDeferred(self._tombstone_here, message_id)
+        if self.holdings.store.get(message_id) is not None:
+            # A copy is here: the ack rides the replication stream, and the
+            # owner confirms it (on its disk too) with its Copied.  If it
+            # cannot, the tombstone written here reaches it later.
+            return self.replicator.confirm_tombstone(message_id, owner).addCallback(
+                lambda confirmed: None)
+        # No copy here (it missed it): only the owner knows the message.
+        return self._forward_ack(owner, message_id).addCallback(
+            self._forwarded, message_id)
 
     def _forwarded(self, acked: bool, message_id: str) -> None:
         if acked:

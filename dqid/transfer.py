@@ -126,7 +126,9 @@ class StateTransfer:
                 return
             serving = peer.serving
             start = await self.links.call(link, cmd.SyncStart)
-            self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
+            written = self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
+            if written is not None:
+                written.addErrback(lambda f: None)  # the Durability logs a failed disk
             newer = self.holdings.merge_epochs(decode_epochs(start["epochs"]))
             if newer is not None:
                 self.fence(f"epoch {newer} of {self.links.me} exists")

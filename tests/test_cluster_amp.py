@@ -439,11 +439,49 @@ def test_ack_on_a_non_owner_reaches_the_owner_and_every_holder(make):
         failureResultOf(d, UnknownMessage)
 
 
-def test_acks_forwarded_in_one_turn_are_one_ack_call(make, monkeypatch):
+def test_acks_of_one_turn_ride_one_stream_box_to_the_owner(make, monkeypatch):
     net = make("abc")
     a, b, c = net.start_all()
     ids = [pushed_id(net, a, b"m%d" % i) for i in range(6)]
     assert take_all(net, b) == ids  # leased through b
+    boxes: list[tuple[str | None, dict]] = []
+    calls: list[type] = []
+    send, call = PeerProtocol.send, PeerProtocol.callRemote
+
+    def sending(self, command, **kw):
+        if command is cmd.Stream and self.handlers.me == "b":
+            boxes.append((self.peer_id, kw))
+        return send(self, command, **kw)
+
+    def calling(self, command, **kw):
+        calls.append(command)
+        return call(self, command, **kw)
+
+    monkeypatch.setattr(PeerProtocol, "send", sending)
+    monkeypatch.setattr(PeerProtocol, "callRemote", calling)
+    acks = [b.ack(i) for i in ids] + [b.ack(ids[0])]  # one twice
+    failureResultOf(acks[-1], UnknownMessage)  # acked already, in this turn
+    for d in acks[:-1]:
+        assertNoResult(d)  # not before the owner has the tombstones
+    net.settle()
+    for d in acks[:-1]:
+        successResultOf(d)
+    assert cmd.Ack not in calls
+    to_a = [kw for peer, kw in boxes if peer == "a"]
+    to_c = [kw for peer, kw in boxes if peer == "c"]
+    # One box each: numbered to the owner, which confirms it; plain to c.
+    assert len(to_a) == 1 and to_a[0]["seq"] is not None and to_a[0]["tombstones"]
+    assert len(to_c) == 1 and to_c[0]["seq"] is None and to_c[0]["tombstones"]
+    assert a.node.queue.depth == 0
+    assert b.held("a") == c.held("a") == 0
+
+
+def test_an_ack_where_no_copy_is_goes_to_the_owner_as_one_ack_call(make, monkeypatch):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a, b"m%d" % i) for i in range(3)]
+    assert take_all(net, a) == ids
+    b.cluster.store.take_owner("a")  # b missed the copies
     calls: list[list[str]] = []
     original = PeerProtocol.callRemote
 
@@ -453,14 +491,28 @@ def test_acks_forwarded_in_one_turn_are_one_ack_call(make, monkeypatch):
         return original(self, command, **kw)
 
     monkeypatch.setattr(PeerProtocol, "callRemote", counting)
-    acks = [b.ack(i) for i in ids] + [b.ack(ids[0])]  # one twice
+    acks = [b.ack(i) for i in ids]
     net.settle()
-    assert calls == [ids]
-    for d in acks[:-1]:
+    assert calls == [ids]  # only the owner knows them: asked, in one call
+    for d in acks:
         successResultOf(d)
-    failureResultOf(acks[-1], UnknownMessage)  # acked in the same turn
-    assert a.node.queue.depth == 0
+    assert a.node.queue.depth == 0 and c.held("a") == 0
+
+
+def test_an_acked_message_stays_acked_when_the_owner_is_lost_before_confirming(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    message_id = pushed_id(net, a)
+    assert take_all(net, a) == [message_id]
+    d = b.ack(message_id)  # rides the stream to a ...
+    net.cut("a")  # ... which is gone before it confirms
+    successResultOf(d)  # the tombstone written here reaches it later
     assert b.held("a") == c.held("a") == 0
+    for peer in "bc":
+        net.connect("a", peer)
+    net.advance(0.5)
+    assert message_id not in ids_in_queue(a)
+    assert got(net, a) == []
 
 
 def test_ack_while_the_owner_is_down_is_applied_when_it_returns(make):
