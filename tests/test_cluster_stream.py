@@ -1,0 +1,643 @@
+"""The replication stream between real nodes (iosim, one Clock): what a
+turn of an owner changed goes to each peer as one numbered ``Stream`` box,
+the peer says ``Copied`` for what it holds, and a push is answered (its 201)
+only once ``min_copies`` nodes hold it (:mod:`dqid.replicator`,
+:mod:`dqid.stream`).
+
+Every Stream and Copied goes through :meth:`PeerProtocol.send` and every
+Stream received through :meth:`PeerProtocol.stream`; the ``wire`` fixture
+records both, in the order they happened, so a test can check numbering and
+acknowledgements link by link.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from dqid import amp_commands as cmd
+from dqid.amp_protocol import PeerProtocol
+from dqid.errors import NotReady, NotReplicated
+from dqid.ids import format_id
+from dqid.replica import Record
+from dqid.replicator import MAX_IN_FLIGHT
+from dqid.timings import DEFAULT_TIMINGS
+from dqid.wire import decode_records, encode_records
+
+from .amp_harness import Net
+from .helpers import assertNoResult, failureResultOf, successResultOf
+from .test_cluster_amp import got, make, nets, pushed_id, take_all  # noqa: F401
+
+LINGER = DEFAULT_TIMINGS.states_linger
+FENCE_LINGER = DEFAULT_TIMINGS.fence_linger
+
+
+# -- what went over the wire -------------------------------------------------
+
+
+@dataclass
+class Event:
+    kind: str  # "sent" or "received"
+    node: str  # the node that sent or received it
+    link: PeerProtocol  # its end of the connection
+    peer: str | None
+    command: type
+    values: dict[str, Any]
+
+    @property
+    def seq(self) -> int | None:
+        return self.values.get("seq")
+
+
+@dataclass
+class Wire:
+    events: list[Event] = field(default_factory=list)
+
+    def sent(self, command: type | None = None, node: str | None = None,
+             peer: str | None = None, link: PeerProtocol | None = None) -> list[Event]:
+        return [e for e in self.events if e.kind == "sent"
+                and (command is None or e.command is command)
+                and (node is None or e.node == node)
+                and (peer is None or e.peer == peer)
+                and (link is None or e.link is link)]
+
+    def numbered(self, node: str, peer: str | None = None,
+                 link: PeerProtocol | None = None) -> list[int]:
+        """The numbers of the Stream boxes with records ``node`` sent."""
+        return [e.seq for e in self.sent(cmd.Stream, node, peer, link)
+                if e.values.get("records") is not None]
+
+    def copied(self, node: str, peer: str | None = None,
+               link: PeerProtocol | None = None) -> list[dict[str, Any]]:
+        """What the Copied ``node`` sent said."""
+        return [e.values for e in self.sent(cmd.Copied, node, peer, link)]
+
+    def received_ids(self, node: str, owner: str) -> list[str]:
+        """The ids of the records ``node`` received from ``owner``, in order."""
+        return [r.id for e in self.events
+                if e.kind == "received" and e.node == node and e.peer == owner
+                and e.values.get("records") is not None
+                for r in decode_records(e.values["records"])]
+
+    def check(self) -> None:
+        """Per connection end: boxes with records numbered 1, 2, 3... (and
+        only they carry a number); every Copied above the one before, and
+        for a box that end had already received."""
+        ends = {id(e.link): e.link for e in self.events}
+        for end in ends.values():
+            mine = [e for e in self.events if e.link is end]
+            boxes = [e for e in mine if e.kind == "sent" and e.command is cmd.Stream]
+            for box in boxes:
+                assert (box.seq is None) == (box.values.get("records") is None), box
+            numbers = [box.seq for box in boxes if box.seq is not None]
+            assert numbers == list(range(1, len(numbers) + 1)), numbers
+            received = 0
+            last = 0
+            for e in mine:
+                if e.kind == "received" and e.seq is not None:
+                    received = max(received, e.seq)
+                elif e.kind == "sent" and e.command is cmd.Copied:
+                    upto = e.values["upto"]
+                    assert last < upto <= received, (last, upto, received)
+                    last = upto
+
+
+@pytest.fixture
+def wire(monkeypatch) -> Wire:
+    recorded = Wire()
+    send = PeerProtocol.send
+    stream = PeerProtocol.stream
+
+    def sending(self, command, **values):
+        recorded.events.append(Event("sent", self.handlers.me, self, self.peer_id,
+                                     command, dict(values)))
+        return send(self, command, **values)
+
+    def receiving(self, epoch, seq=None, records=None, states=None, tombstones=None):
+        recorded.events.append(Event(
+            "received", self.handlers.me, self, self.peer_id, cmd.Stream,
+            dict(epoch=epoch, seq=seq, records=records, states=states,
+                 tombstones=tombstones)))
+        return stream(self, epoch, seq, records, states, tombstones)
+
+    monkeypatch.setattr(PeerProtocol, "send", sending)
+    monkeypatch.setattr(PeerProtocol, "stream", receiving)
+    return recorded
+
+
+def end_of(net: Net, owner: str, peer: str) -> PeerProtocol:
+    """``owner``'s end of its live connection to ``peer``."""
+    (link,) = net.links_between(owner, peer)
+    return link.client if link.dialler == owner else link.server
+
+
+def turn(net: Net) -> None:
+    """End this reactor turn (the turn's boxes are written) without moving
+    any byte between nodes."""
+    net.clock.advance(0)
+
+
+def lose_bytes_in_flight(net: Net, a: str, b: str) -> None:
+    """What the connection between ``a`` and ``b`` carries and has not
+    delivered is lost (a reset, not a clean close)."""
+    for link in net.links_between(a, b):
+        link.pump.clientIO.getOutBuffer()
+        link.pump.serverIO.getOutBuffer()
+
+
+def holds(member, message_id: str) -> bool:
+    return member.cluster.store.get(message_id) is not None
+
+
+def answered_when(d: Deferred, check) -> list:
+    """What ``check(result)`` said when ``d`` fired (its 201)."""
+    seen: list = []
+
+    def look(result):
+        seen.append(check(result))
+        return result
+
+    d.addCallback(look)
+    return seen
+
+
+# -- order and numbering -----------------------------------------------------
+
+
+def test_pushes_reach_replicas_in_owner_order_numbered_per_link(make, wire):
+    net = make("abc")
+    a, b, c = net.start_all()
+    pushes = []
+    for round_ in range(4):
+        # Some turns end before any byte moves, so several numbered boxes
+        # are in flight at once (more than MAX_IN_FLIGHT: the rest waits
+        # and goes as one box).
+        for turn_ in range(MAX_IN_FLIGHT + 2):
+            for i in range(1 + (round_ + turn_) % 3):
+                pushes.append(a.push(b"m%d.%d.%d" % (round_, turn_, i)))
+            turn(net)
+        net.settle()
+    ids = [successResultOf(d).ids[0] for d in pushes]
+    assert len(ids) == len(set(ids)) > 4 * (MAX_IN_FLIGHT + 2)
+    # Every replica got the records in the owner's order, each once.
+    assert wire.received_ids("b", "a") == ids
+    assert wire.received_ids("c", "a") == ids
+    assert [r.id for r in b.cluster.store.records("a")] == ids
+    assert [r.id for r in c.cluster.store.records("a")] == ids
+    # Boxes numbered 1, 2, 3... on each link, and at most MAX_IN_FLIGHT
+    # waited at once: fewer boxes than turns.
+    for peer in "bc":
+        numbers = wire.numbered("a", peer)
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert len(numbers) < 4 * (MAX_IN_FLIGHT + 2)
+        ups = [v["upto"] for v in wire.copied(peer, "a")]
+        assert ups and ups[-1] == numbers[-1]
+        assert all(v["holder"] and v["refused"] is None for v in wire.copied(peer, "a"))
+    wire.check()
+    assert take_all(net, a) == ids
+
+
+def test_pushes_from_every_owner_are_numbered_on_their_own_link_end(make, wire):
+    net = make("abc")
+    members = net.start_all()
+    pushes = {m.name: [] for m in members}
+    for i in range(5):
+        for m in members:
+            pushes[m.name].append(m.push(b"%s%d" % (m.name.encode(), i)))
+        turn(net)
+        if i % 2:
+            net.settle()
+    net.settle()
+    for m in members:
+        ids = [successResultOf(d).ids[0] for d in pushes[m.name]]
+        for other in members:
+            if other is not m:
+                assert wire.received_ids(other.name, m.name) == ids
+                assert wire.numbered(m.name, other.name)[0] == 1
+    # Both directions share a connection; each end numbers its own boxes.
+    wire.check()
+
+
+# -- no 201 before min_copies copies -----------------------------------------
+
+
+def test_no_push_is_answered_before_enough_replicas_hold_it(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")  # C is slow (not dead)
+    pushes = []
+    for i in range(3):
+        pushes.append(a.push(b"slow%d" % i))
+        net.settle()
+    held_then = [answered_when(d, lambda r: (holds(b, r.ids[0]), holds(c, r.ids[0])))
+                 for d in pushes]
+    # B acknowledged every box; C said nothing: no push is answered.
+    assert [v["upto"] for v in wire.copied("b", "a")] == [1, 2, 3]
+    assert wire.copied("c", "a") == []
+    for d in pushes:
+        assertNoResult(d)
+    assert a.cluster.replicator.in_flight("c") == 3
+    assert a.cluster.replicator.in_flight("b") == 0
+    net.resume("a", "c")
+    net.settle()
+    for d in pushes:
+        successResultOf(d)
+    # When each push was answered, both replicas held it.
+    assert held_then == [[(True, True)]] * 3
+    wire.check()
+
+
+def test_with_two_copies_one_acknowledging_replica_answers(make, wire):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    net.pause("a", "b")
+    net.pause("a", "c")
+    d = a.push(b"two copies")
+    net.settle()
+    assertNoResult(d)  # nobody but A holds it
+    held_then = answered_when(d, lambda r: (holds(b, r.ids[0]), holds(c, r.ids[0])))
+    net.resume("a", "c")
+    net.settle()
+    mid = successResultOf(d).ids[0]
+    assert held_then == [(False, True)]
+    net.resume("a", "b")
+    net.settle()
+    assert holds(b, mid)
+    wire.check()
+
+
+def test_a_recovering_replica_acknowledges_but_is_no_copy(make, wire):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    net.cut("c")
+    c2 = net.build("c")  # a replacement: it recovers until B syncs it too
+    net.connect(c2, a)
+    net.settle()
+    assert c2.node.readiness.reason().startswith("recovering")
+    net.pause("a", "b")
+    d = a.push(b"needs a serving copy")
+    net.settle()
+    assert c2.held("a") == 1
+    assert wire.copied("c", "a") == [dict(upto=1, holder=False, refused=None)]
+    assertNoResult(d)  # C stored it but may not count as a holder yet
+    net.resume("a", "b")
+    net.settle()
+    mid = successResultOf(d).ids[0]
+    assert holds(b, mid)
+    wire.check()
+
+
+def test_copied_waits_until_the_copy_is_on_disk_in_number_order(make, wire, monkeypatch):
+    # --data-dir: a copy settles once written; writes may finish out of order.
+    net = make("ab", min_copies=2)
+    a, b = net.start_all()
+    holdings = b.cluster.replicator.holdings
+    merge = holdings.merge_replicated
+    writes: list[Deferred] = []
+
+    def slow_disk(records, source=None):
+        added, written = merge(records, source)
+        assert written is None  # in memory: the test plays the disk
+        writes.append(Deferred())
+        return added, writes[-1]
+
+    monkeypatch.setattr(holdings, "merge_replicated", slow_disk)
+    first = a.push(b"one")
+    net.settle()
+    second = a.push(b"two")
+    net.settle()
+    assert len(writes) == 2
+    assert b.held("a") == 2  # received and stored, not on disk yet
+    assert wire.copied("b", "a") == []
+    assertNoResult(first)
+    assertNoResult(second)
+    writes[1].callback(None)  # box 2 on disk before box 1
+    net.settle()
+    assert wire.copied("b", "a") == []  # not past box 1, which is not
+    assertNoResult(first)
+    assertNoResult(second)
+    writes[0].callback(None)
+    net.settle()
+    assert wire.copied("b", "a") == [dict(upto=2, holder=True, refused=None)]
+    successResultOf(first)
+    successResultOf(second)
+    # A failed write is no copy: the push is withdrawn.
+    third = a.push(b"three")
+    net.settle()
+    writes[2].errback(OSError("disk full"))
+    net.settle()
+    assert wire.copied("b", "a")[-1] == dict(upto=3, holder=False, refused="DISK")
+    failureResultOf(third, NotReplicated)
+    assert a.node.queue.depth == 2
+    wire.check()
+
+
+# -- a link lost mid-stream --------------------------------------------------
+
+
+def _in_flight_to_c(net: Net, count: int) -> list[Deferred]:
+    """``count`` pushes on A, one per turn, their boxes to C in flight."""
+    a = net["a"]
+    pushes = []
+    for i in range(count):
+        pushes.append(a.push(b"in flight %d" % i))
+        net.settle()
+    assert a.cluster.replicator.in_flight("c") == count
+    return pushes
+
+
+def test_link_lost_mid_stream_fails_pushes_that_needed_that_copy(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")
+    pushes = _in_flight_to_c(net, 3)
+    for d in pushes:
+        assertNoResult(d)  # B holds them; C has not said
+    ids = [m.id for m in a.node.queue.messages()]
+    assert len(ids) == 3 and all(holds(b, i) for i in ids)
+    lose_bytes_in_flight(net, "a", "c")
+    net.cut("a", "c")
+    # C never got them: no copy there, so no 201 ...
+    for d in pushes:
+        failureResultOf(d, NotReplicated)
+    assert not any(holds(c, i) for i in ids)
+    assert a.cluster.replicator.in_flight("c") == 0
+    # ... and they are withdrawn: tombstoned on A and B, never delivered.
+    net.settle()
+    assert a.node.queue.depth == 0
+    assert b.held("a") == 0
+    assert all(b.cluster.store.is_tombstoned(i) for i in ids)
+    assert got(net, a) == [] and got(net, b) == []
+    wire.check()
+
+
+def test_link_lost_mid_stream_with_two_copies_is_answered_by_the_other_peer(make, wire):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    net.pause("a", "b")
+    net.pause("a", "c")
+    pushes = _in_flight_to_c(net, 3)
+    lose_bytes_in_flight(net, "a", "c")
+    net.cut("a", "c")
+    # C's lost boxes counted as no copy, not as one: B has not said yet.
+    for d in pushes:
+        assertNoResult(d)
+    net.resume("a", "b")
+    net.settle()
+    ids = [successResultOf(d).ids[0] for d in pushes]
+    assert all(holds(b, i) for i in ids)
+    assert not any(holds(c, i) for i in ids)
+    assert take_all(net, a) == ids
+    wire.check()
+
+
+def test_reconnected_link_numbers_from_one_and_old_copied_settles_nothing(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    first = pushed_id(net, a, b"before")
+    old_end = end_of(net, "a", "c")
+    assert wire.numbered("a", link=old_end) == [1]
+    net.pause("a", "c")
+    lost = _in_flight_to_c(net, 2)
+    lose_bytes_in_flight(net, "a", "c")
+    net.cut("a", "c")
+    for d in lost:
+        failureResultOf(d, NotReplicated)
+    away = a.push(b"while c is away")
+    net.settle()
+    failureResultOf(away, NotReplicated)
+    # C comes back on a new connection.
+    net.connect("a", "c")
+    net.settle()
+    assert a.connected("c") and a.node.readiness.reason() is None
+    new_end = end_of(net, "a", "c")
+    assert new_end is not old_end
+    later = [a.push(b"after %d" % i) for i in range(2)]
+    net.settle()
+    later_ids = [successResultOf(d).ids[0] for d in later]
+    assert wire.numbered("a", link=new_end) == [1]  # numbering restarted
+    assert all(holds(c, i) for i in later_ids)
+    assert wire.copied("c", "a", link=end_of(net, "c", "a")) == [
+        dict(upto=1, holder=True, refused=None)]
+    # A push waits on C's new link; a Copied that comes late on the old
+    # link (its numbers 1..3 were given there) settles nothing here.
+    net.pause("a", "c")
+    waiting = a.push(b"waiting")
+    net.settle()
+    assertNoResult(waiting)
+    assert a.cluster.replicator.in_flight("c") == 1
+    for upto in (1, 2, 3, 10):
+        a.cluster.replicator.on_copied(old_end, upto, True, None)
+    assertNoResult(waiting)
+    assert a.cluster.replicator.in_flight("c") == 1
+    net.resume("a", "c")
+    net.settle()
+    waited = successResultOf(waiting).ids[0]
+    assert holds(c, waited)
+    assert wire.numbered("a", link=new_end) == [1, 2]
+    assert take_all(net, a) == [first, *later_ids, waited]
+    wire.check()
+
+
+def test_a_newer_link_to_the_peer_replaces_the_old_one(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")
+    stuck = a.push(b"on the old link")
+    net.settle()
+    assertNoResult(stuck)
+    # C dials A too: A now sends to C on the newer link.
+    (old_link,) = net.links_between("a", "c")
+    newer = net.connect("c", "a")
+    net.settle()
+    new_end = newer.server
+    fresh = a.push(b"on the new link")
+    net.settle()
+    fresh_id = successResultOf(fresh).ids[0]
+    assert wire.numbered("a", link=new_end) == [1]
+    assert holds(c, fresh_id)
+    # What waited on the old link counted as no copy, once.
+    failureResultOf(stuck, NotReplicated)
+    # The old link delivers at last: C's Copied for it settles nothing.
+    net.resume("a", "c")
+    net.settle()
+    assert wire.copied("c", "a", link=old_link.server) == [
+        dict(upto=1, holder=True, refused=None)]
+    assert a.node.queue.depth == 1
+    assert take_all(net, a) == [fresh_id]
+    wire.check()
+
+
+# -- a peer that never acknowledges -------------------------------------------
+
+
+def test_silent_peer_fails_pushes_at_the_timeout_then_its_lane_is_freed(
+        make, wire, monkeypatch):
+    net = make("abc", min_copies=3, replication_timeout=2.0)
+    a, b, c = net.start_all()
+    replicator = c.cluster.replicator
+    acknowledge = replicator._acknowledge
+    silent = [True]
+
+    def gate() -> None:
+        if silent[0]:  # C takes the records, answers heartbeats, says nothing
+            replicator._acknowledging = None
+            return
+        acknowledge()
+
+    monkeypatch.setattr(replicator, "_acknowledge", gate)
+    pushes = []
+    for i in range(MAX_IN_FLIGHT + 2):  # one turn each
+        pushes.append(a.push(b"unacknowledged %d" % i))
+        net.settle()
+    assert a.cluster.replicator.in_flight("c") == MAX_IN_FLIGHT
+    assert c.held("a") == MAX_IN_FLIGHT  # the rest waits for room
+    net.advance(1.9)
+    assert a.connected("c") and c.connected("a")
+    for d in pushes:
+        assertNoResult(d)
+    net.advance(0.2)
+    for d in pushes:
+        failureResultOf(d, NotReplicated)
+    assert a.node.queue.depth == 0 and a.node.queue.pending == 0
+    assert b.held("a") == 0 and c.held("a") == 0  # withdrawn everywhere
+    assert wire.copied("c", "a") == []
+    # C acknowledges again: a later push goes out and is answered, though
+    # the boxes that timed out were never acknowledged one by one.
+    silent[0] = False
+    net.advance(0.5)
+    later = a.push(b"later")
+    net.settle()
+    later_id = successResultOf(later).ids[0]
+    assert holds(b, later_id) and holds(c, later_id)
+    assert a.cluster.replicator.in_flight("c") == 0
+    assert wire.numbered("a", "c") == list(range(1, MAX_IN_FLIGHT + 2))
+    assert take_all(net, a) == [later_id]
+    wire.check()
+
+
+# -- states ride along --------------------------------------------------------
+
+
+def _states_boxes(wire: Wire, owner: str) -> list[dict[str, Any]]:
+    return [e.values for e in wire.sent(cmd.Stream, owner)
+            if e.values.get("states") is not None]
+
+
+def test_states_go_within_the_linger_and_not_before(make, wire):
+    net = make("abc")
+    a, b, c = net.start_all()
+    mid = pushed_id(net, a)
+    (taken,) = got(net, a)
+    assert taken.id == mid and a.node.queue.get(mid).deliveries == 1
+    # No box went since: the states wait.
+    assert _states_boxes(wire, "a") == []
+    assert b.cluster.store.get(mid).deliveries == 0
+    net.advance(LINGER * 0.8)
+    assert _states_boxes(wire, "a") == []
+    assert b.cluster.store.get(mid).deliveries == 0
+    net.advance(LINGER * 0.4)
+    assert len(_states_boxes(wire, "a")) == 2  # one box per peer
+    assert b.cluster.store.get(mid).deliveries == c.cluster.store.get(mid).deliveries == 1
+    # Said once.
+    net.advance(1.0)
+    assert len(_states_boxes(wire, "a")) == 2
+    wire.check()
+
+
+def test_states_go_at_once_with_a_push_of_the_same_turn(make, wire):
+    net = make("abc")
+    a, b, c = net.start_all()
+    mid = pushed_id(net, a)
+    before = len(wire.sent(cmd.Stream, "a"))
+    taking = a.get()
+    pushing = a.push(b"same turn")
+    net.settle()  # no time passes
+    assert [r.id for r in successResultOf(taking)] == [mid]
+    successResultOf(pushing)
+    boxes = [e.values for e in wire.sent(cmd.Stream, "a")][before:]
+    assert len(boxes) == 2  # one box per peer, records and states together
+    assert all(v["records"] is not None and v["states"] is not None for v in boxes)
+    assert b.cluster.store.get(mid).deliveries == c.cluster.store.get(mid).deliveries == 1
+    wire.check()
+
+
+def test_message_got_and_acked_within_the_linger_sends_no_state(make, wire):
+    net = make("abc")
+    a, b, c = net.start_all()
+    mid = pushed_id(net, a)
+    (taken,) = got(net, a)
+    d = a.ack(taken.id)
+    net.settle()
+    successResultOf(d)
+    net.advance(5 * LINGER)
+    assert _states_boxes(wire, "a") == []
+    tombstoned = [e.values for e in wire.sent(cmd.Stream, "a")
+                  if e.values.get("tombstones") is not None]
+    assert len(tombstoned) == 2
+    assert all(v["records"] is None and v["seq"] is None for v in tombstoned)
+    for m in (b, c):
+        assert m.cluster.store.is_tombstoned(mid) and m.held("a") == 0
+    wire.check()
+
+
+# -- refused boxes ------------------------------------------------------------
+
+
+def _raw_box(net: Net, owner: str, peer: str, records: bytes) -> int:
+    """Send ``records`` to ``peer`` as ``owner``'s next numbered box (the
+    number taken from its own numbering, so its stream goes on)."""
+    replicator = net[owner].cluster.replicator
+    end = end_of(net, owner, peer)
+    lane = replicator._lanes[peer]
+    assert lane.sent is not None and lane.sent.link is end
+    seq = lane.sent.send([], net.clock.seconds())
+    end.send(cmd.Stream, epoch=net[owner].node.epoch, seq=seq, records=records)
+    return seq
+
+
+@pytest.mark.parametrize("what, code", [("garbage", "BAD_INPUT"),
+                                        ("another owner's", "NOT_HOLDER")])
+def test_refused_records_are_acknowledged_as_refused_and_change_nothing(
+        make, wire, what, code):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    kept = pushed_id(net, a, b"kept")
+    if what == "garbage":
+        records = b"garbage"
+    else:
+        records = encode_records([Record(id=format_id("c", c.node.epoch, 99), body=b"forged")])
+    before = {m.name: sorted(r.id for r in m.cluster.store.records()) for m in (b, c)}
+    seq = _raw_box(net, "a", "b", records)
+    net.settle()
+    assert seq == 2
+    assert wire.copied("b", "a")[-1] == dict(upto=2, holder=False, refused=code)
+    after = {m.name: sorted(r.id for r in m.cluster.store.records()) for m in (b, c)}
+    assert after == before and b.held("a") == 1 and b.held("c") == 0
+    assert not a.node.readiness.fenced and b.connected("a")
+    # The stream goes on: the next push is box 3 and answered.
+    later = pushed_id(net, a, b"later")
+    assert wire.numbered("a", "b") == [1, 2, 3]
+    assert wire.copied("b", "a")[-1] == dict(upto=3, holder=True, refused=None)
+    assert take_all(net, a) == [kept, later]
+    wire.check()
+
+
+def test_stale_epoch_refusal_fences_the_sender(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    b.cluster.store.note_epoch("a", a.node.epoch + 1)  # B knows a newer A
+    d = a.push(b"from the past")
+    net.settle()  # no time passes: no heartbeat tells A, only the Copied
+    assert wire.copied("b", "a") == [dict(upto=1, holder=False, refused="STALE_EPOCH")]
+    failureResultOf(d, NotReplicated)
+    assert a.node.readiness.fenced and a.node.readiness.reason().startswith("fenced")
+    assert b.held("a") == 0
+    failureResultOf(a.push(b"again"), NotReady)
+    net.advance(FENCE_LINGER + 0.1)
+    assert c.held("a") == 0  # the withdrawal reached C before A left
+    assert got(net, c) == []
+    wire.check()
