@@ -335,6 +335,36 @@ def test_copied_waits_until_the_copy_is_on_disk_in_number_order(make, wire, monk
     wire.check()
 
 
+def test_an_ack_riding_the_stream_waits_for_the_owners_tombstone_on_disk(
+        make, wire, monkeypatch):
+    # --data-dir: an ack through a peer that holds a copy is a tombstone in
+    # a numbered box to the owner; its 204 waits for the owner's Copied,
+    # which waits for the owner's write of the tombstone.
+    net = make("abc")
+    a, b, c = net.start_all()
+    message_id = pushed_id(net, a)
+    assert take_all(net, a) == [message_id]
+    holdings = a.cluster.replicator.holdings
+    merge = holdings.merge_tombstones
+    writes: list[Deferred] = []
+
+    def slow_disk(tombstones):
+        assert merge(tombstones) is None  # in memory: the test plays the disk
+        writes.append(Deferred())
+        return writes[-1]
+
+    monkeypatch.setattr(holdings, "merge_tombstones", slow_disk)
+    acked = b.ack(message_id)
+    net.settle()
+    assert a.node.queue.depth == 0  # applied at the owner ...
+    assert len(writes) == 1
+    assertNoResult(acked)  # ... but not on its disk yet: no 204
+    writes[0].callback(None)
+    net.settle()
+    successResultOf(acked)
+    assert wire.copied("a", "b")[-1]["refused"] is None
+
+
 # -- a link lost mid-stream --------------------------------------------------
 
 
