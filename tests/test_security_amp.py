@@ -5,15 +5,20 @@ The attacks of issue 9, replayed against in-memory clusters (see
 
 * an outsider that speaks AMP and knows the commands but not the key
   (``Hello`` as a member with a huge epoch, ``Take``, ``Ack``,
-  ``SyncStart``, ``Replicate``, ``Tombstones``) is answered nothing: the
-  connection closes, a warning names its address, and no state changes;
+  ``SyncStart``, ``Stream`` of records, states and tombstones, ``Copied``)
+  is answered nothing: the connection closes, a warning names its address,
+  and no state changes;
 * a client or a whole node with the wrong key, and a recorded handshake
   replayed, are refused the same way, and the cluster keeps replicating;
 * a connection that proves nothing is closed after the auth timeout;
 * through an *authenticated* connection, arbitrary and mutated values for
   every command are a normal or an error answer, never an unhandled
-  failure, a hang or a changed queue (hypothesis); forged chunk counts are
-  BAD_INPUT too, and values AMP itself cannot parse cost only the link.
+  failure, a hang or a changed queue (hypothesis).  ``Stream`` and
+  ``Copied`` are not answered: bad values in them are a log line, change
+  nothing and keep the link, and records refused (bad input, a stale epoch,
+  a foreign owner) are acknowledged with a ``Copied`` that says so; forged
+  chunk counts are the same, and values AMP itself cannot parse cost only
+  the box (answered commands: a BAD_INPUT answer).
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from dqid.replica import Record
 from dqid.timings import DEFAULT_TIMINGS
 from dqid.tombstones import Tombstones
 from dqid.wire import (
-    MAX_EPOCH, WireError, decode_records, decode_tombstones, encode_records, encode_tombstones,
+    MAX_EPOCH, WireError, decode_records, decode_states, decode_tombstones, encode_records,
+    encode_states, encode_tombstones,
 )
 
 from .mutations import mutated
@@ -149,6 +155,18 @@ class NodeState:
     queue: tuple[int, int, int]  # depth, ready, leased
     message_ids: frozenset[str]
     held: tuple[tuple[str, int], ...]
+    replicas: frozenset[tuple[str, bytes, int, bool, float | None]]  # peers' copies
+    tombstones: dict  # Tombstones.as_dict()
+
+
+def replicas(member: Member) -> frozenset[tuple[str, bytes, int, bool, float | None]]:
+    """The copies ``member`` holds of its peers' messages and their states."""
+    return frozenset((r.id, r.body, r.deliveries, r.held, r.due)
+                     for r in member.cluster.store.records())
+
+
+def tombstones_of(member: Member) -> dict:
+    return member.cluster.store.tombstones.as_dict()
 
 
 def node_state(net: Net, name: str) -> NodeState:
@@ -164,6 +182,8 @@ def node_state(net: Net, name: str) -> NodeState:
         queue=(queue.depth, queue.ready, queue.leased),
         message_ids=frozenset(queue),
         held=tuple((p, member.held(p)) for p in peers),
+        replicas=replicas(member),
+        tombstones=tombstones_of(member),
     )
 
 
@@ -181,14 +201,44 @@ def assert_unharmed(net: Net, before: dict[str, NodeState]) -> None:
 # -- bare AMP clients ----------------------------------------------------------
 
 
+class BareAmp(amp.AMP):
+    """A plain AMP client that keeps every box it receives and takes what a
+    node sends a linked peer unasked: ``Stream`` and ``Copied`` (protocol 3
+    answers neither).  ``copied`` is what the node acknowledged of the
+    records this client streamed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[amp.AmpBox] = []
+        self.streams: list[dict[str, Any]] = []
+        self.copied: list[dict[str, Any]] = []
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self.boxes.append(box)
+        super().ampBoxReceived(box)
+
+    @cmd.Stream.responder
+    def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
+               states: bytes | None = None, tombstones: bytes | None = None) -> dict:
+        self.streams.append(dict(epoch=epoch, seq=seq, records=records, states=states,
+                                 tombstones=tombstones))
+        return {}
+
+    @cmd.Copied.responder
+    def copied_received(self, upto: int, holder: bool, refused: str | None = None) -> dict:
+        self.copied.append(dict(upto=upto, holder=holder, refused=refused))
+        return {}
+
+
 @dataclass
 class Bare:
-    """A plain ``amp.AMP`` client connected to one node's PeerProtocol."""
+    """A :class:`BareAmp` client connected to one node's PeerProtocol."""
 
-    client: amp.AMP
+    client: BareAmp
     server: PeerProtocol
     pump: iosim.IOPump
     address: str  # the client's address as the node sees it
+    net: Net
 
     def call(self, command: type[amp.Command], **arguments: Any) -> Any:
         """Send ``command``, move the bytes; what it fired with (a dict or
@@ -199,12 +249,36 @@ class Bare:
         """Send a box of raw strings (values AMP's own types could not make)."""
         return self.answer(self.client.callRemoteString(name, **strings))
 
+    def send(self, command: type[amp.Command], **arguments: Any) -> None:
+        """Send an unanswered command (Stream, Copied) and let the node's
+        turn end: whatever it says back (a Copied) has arrived."""
+        assert not command.requiresAnswer
+        assert self.client.callRemote(command, **arguments) is None
+        self.settle()
+
+    def send_raw(self, name: bytes, **strings: bytes) -> None:
+        """An unanswered box of raw strings, then :meth:`settle`."""
+        assert self.client.callRemoteString(name, requiresAnswer=False, **strings) is None
+        self.settle()
+
+    def settle(self) -> None:
+        """Move bytes both ways and run what is due until all is quiet."""
+        for _ in range(1000):
+            self.net.settle()
+            if not self.pump.flush():
+                return
+        raise AssertionError("never quiet")
+
     def answer(self, d: Any) -> Any:
         box: list = []
         d.addBoth(box.append)
         self.pump.flush()
         assert box, "no answer and the connection is still open"
         return box[0]
+
+    @property
+    def copied(self) -> list[dict[str, Any]]:
+        return self.client.copied
 
     @property
     def closed(self) -> bool:
@@ -223,7 +297,7 @@ def bare(net: Net, listener: str, auth: PeerAuth | None = None) -> Bare:
     """A bare client connected to ``listener`` from the outsider's address;
     it has proven nothing yet."""
     server = PeerProtocol(net[listener].cluster, auth or net.auth(listener))
-    client = amp.AMP()
+    client = BareAmp()
     port = next(_ports)
     server_io = iosim.FakeTransport(
         server, isServer=True, hostAddress=IPv4Address("TCP", "127.0.0.1", 9000),
@@ -232,7 +306,7 @@ def bare(net: Net, listener: str, auth: PeerAuth | None = None) -> Bare:
         client, isServer=False, hostAddress=IPv4Address("TCP", OUTSIDER_HOST, port),
         peerAddress=IPv4Address("TCP", "127.0.0.1", 9000))
     pump = iosim.connect(server, server_io, client, client_io, greet=False, clock=net.clock)
-    return Bare(client, server, pump, f"{OUTSIDER_HOST}:{port}")
+    return Bare(client, server, pump, f"{OUTSIDER_HOST}:{port}", net)
 
 
 def authenticated(net: Net, listener: str, node: str = "a", hello: bool = True) -> Bare:
@@ -283,15 +357,25 @@ def refusals_logged_by(net: Net, member: Member) -> list[str]:
 # -- the outsider of issue 9 ----------------------------------------------------
 
 
+# What an unanswered command (Stream, Copied) "got": no answer can come.
+SENT = "sent, never answered"
+
+
 def outsider_script(net: Net, victim: str, ids: list[str]) -> list[tuple[str, Any]]:
     """Every step of the issue's outsider, each on a fresh connection to
-    ``victim`` (one refusal closes a connection): what each step got."""
+    ``victim`` (one refusal closes a connection): what each step got (for
+    Stream and Copied, which are never answered: ``SENT``)."""
     members = sorted(net.names)
     claimed = next(n for n in members if n != victim)
     fake = [Record(format_id(claimed, HUGE_EPOCH, seq), b"forged", None, None, 0)
             for seq in range(1, 4)]
+    # The claimed member's messages the victim holds, set aside as if
+    # delivered too often, and their withdrawal with the victim's own.
+    copies = sorted(record.id for record in net[victim].cluster.store.records(claimed))
+    set_aside = [Record(message_id, b"", deliveries=99, held=True, due=2e9)
+                 for message_id in copies]
     stones = Tombstones()
-    for message_id in ids:
+    for message_id in [*ids, *copies]:
         mid = parse_id(message_id)
         stones.add(mid.node, mid.epoch, mid.seq)
     steps: list[tuple[str, type[amp.Command], dict]] = [
@@ -305,21 +389,34 @@ def outsider_script(net: Net, victim: str, ids: list[str]) -> list[tuple[str, An
         ("lease", cmd.Lease, dict(id=ids[0], action="kick")),
         ("sync start", cmd.SyncStart, {}),
         ("sync page", cmd.SyncPage, dict(token="0" * 32)),
-        ("replicate", cmd.Replicate, dict(owner=claimed, epoch=HUGE_EPOCH,
-                                          records=encode_records(fake))),
-        ("tombstones", cmd.Tombstones, dict(tombstones=encode_tombstones(stones))),
+        ("stream records", cmd.Stream, dict(epoch=HUGE_EPOCH, seq=1,
+                                            records=encode_records(fake))),
+        ("stream states", cmd.Stream, dict(epoch=HUGE_EPOCH,
+                                           states=encode_states(set_aside))),
+        ("stream tombstones", cmd.Stream, dict(epoch=1,
+                                               tombstones=encode_tombstones(stones))),
+        ("stream of all", cmd.Stream, dict(epoch=HUGE_EPOCH, seq=1,
+                                           records=encode_records(fake),
+                                           states=encode_states(set_aside),
+                                           tombstones=encode_tombstones(stones))),
+        ("copied", cmd.Copied, dict(upto=1, holder=True)),
         ("key lookup", cmd.KeyLookup, dict(key="k", digest=b"\0" * 32)),
     ]
     got = []
     for name, command, arguments in steps:
         outsider = bare(net, victim)
-        got.append((name, outsider.call(command, **arguments), outsider))
+        if command.requiresAnswer:
+            got.append((name, outsider.call(command, **arguments), outsider))
+        else:
+            outsider.send(command, **arguments)
+            got.append((name, SENT, outsider))
     # And all of them at once, pipelined in one burst before any answer.
     outsider = bare(net, victim)
     burst = [outsider.client.callRemote(command, **arguments)
              for _, command, arguments in steps]
     for name, d in zip([s[0] for s in steps], burst):
-        got.append((f"{name} (burst)", outsider.answer(d), outsider))
+        got.append((f"{name} (burst)", SENT if d is None else outsider.answer(d), outsider))
+    outsider.settle()
     return [(name, (result, peer)) for name, result, peer in got]
 
 
@@ -329,8 +426,10 @@ def test_outsider_without_the_key_is_refused_at_every_step(make):
     victim = net["b"]
     own_ids = sorted(victim.node.queue)
     for name, (result, outsider) in outsider_script(net, "b", own_ids):
-        assert refused(result), (name, result)
+        if result is not SENT:
+            assert refused(result), (name, result)
         assert outsider.closed, name
+        assert outsider.client.boxes == [], name  # not a word back, not even a Copied
         assert refusals(net, outsider.address), name
     net.settle()
     assert_unharmed(net, before)
@@ -599,18 +698,21 @@ def test_connection_that_proves_nothing_is_closed_after_the_auth_timeout(make):
 # normal answer or an error answer (a BAD_INPUT with its log line), the
 # connection still open, nothing unhandled logged, and b's own queue
 # changed by exactly the legitimate effect (a valid take, ack, nack,
-# tombstone), if any.
+# tombstone), if any.  Stream and Copied get no answer: what they deserve
+# is checked in b's state, its log and the Copied it sends back.
 
 FUZZ = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
 @contextmanager
-def fuzzed_world(still_serving: bool = True) -> Iterator[tuple[KeyedNet, Bare]]:
-    """A fresh running cluster (b owns 4 ready messages) and a client
-    authenticated to b as a.  At the end the connection must still be
-    open, and, if ``still_serving``, b still serving once it closed."""
-    net = start_running(keyed_net(), owners="b")
+def fuzzed_world(still_serving: bool = True,
+                 owners: str = "b") -> Iterator[tuple[KeyedNet, Bare]]:
+    """A fresh running cluster (b owns 4 ready messages; each other node
+    of ``owners`` too, held by b) and a client authenticated to b as a.
+    At the end the connection must still be open, and, if
+    ``still_serving``, b still serving once it closed."""
+    net = start_running(keyed_net(), owners=owners)
     try:
         peer = authenticated(net, "b", "a")
         yield net, peer
@@ -645,6 +747,51 @@ def bad_input(net: Net, result: Any, command: str, warnings_before: int) -> bool
 
 def warnings(net: Net) -> int:
     return len(net.logged(LogLevel.warn))
+
+
+def logged_bad(net: Net, command: str, warnings_before: int, why: str = "") -> bool:
+    """A warning about bad input in ``command`` from peer a (saying ``why``)
+    logged since ``warnings_before``: how an unanswered box is refused."""
+    return any(f"bad {command} from peer a" in line and why in line
+               for line in net.logged(LogLevel.warn)[warnings_before:])
+
+
+@dataclass(frozen=True)
+class Held:
+    """What b keeps that a Stream or a Copied could change."""
+
+    queue: dict[str, int]  # b's own messages and their states
+    replicas: frozenset[tuple[str, bytes, int, bool, float | None]]
+    tombstones: dict
+    epochs: dict[str, int]
+
+
+def held_by(member: Member) -> Held:
+    return Held(own_queue(member), replicas(member), tombstones_of(member),
+                dict(member.cluster.store.epochs))
+
+
+def copied(upto: int, holder: bool = True, refused: str | None = None) -> dict[str, Any]:
+    """A Copied as the bare client records it."""
+    return dict(upto=upto, holder=holder, refused=refused)
+
+
+def link_kept(net: Net, peer: Bare, listener: str = "b") -> None:
+    """``peer``'s connection is open, still a link of ``listener``'s to a,
+    and still answered."""
+    assert not peer.closed, "the authenticated connection was closed"
+    assert peer.server in net[listener].cluster.peers["a"].links
+    answer = peer.call(cmd.Peek, id=format_id(listener, 1, 10**6))
+    assert isinstance(answer, dict), answer
+
+
+def newer_epoch_of_a(net: Net, peer: Bare) -> int:
+    """a announces an epoch 2 above the one b knows (over ``peer``), so an
+    older epoch of a is stale at b; the epoch b knows now."""
+    known = net["b"].cluster.holdings.known_epoch("a") + 2
+    assert peer.call(cmd.Announce, node="a", epoch=known) == {}
+    assert net["b"].cluster.holdings.known_epoch("a") == known
+    return known
 
 
 def error_type(result: Any) -> type | None:
@@ -701,54 +848,104 @@ def in_range(value: float, low: float, high: float) -> bool:
     return low <= value <= high  # False for NaN
 
 
+seqs = st.one_of(st.integers(-3, 6), st.sampled_from([MAX_EPOCH, MAX_EPOCH + 1, -MAX_EPOCH]),
+                 st.integers(-2**70, 2**70))
+
+
+def stale_or_any_epoch(known: int, stale: bool) -> st.SearchStrategy[int]:
+    """Mostly the epoch b knows for a; else one older (stale, when b knows
+    a newer one), no epoch (0), or any."""
+    return st.sampled_from(["known", "known", "older", "none", "any"]).flatmap(
+        lambda kind: {"known": st.just(known), "older": st.just(known - 1 if stale else known),
+                      "none": st.just(0), "any": epochs}[kind])
+
+
 @FUZZ
 @given(st.data())
-def test_fuzzed_replicate_answers_and_never_touches_the_owners_queue(data):
+def test_fuzzed_stream_records_are_held_or_refused_and_never_touch_the_owners_queue(data):
+    """A Stream with records from a: held and acknowledged, or refused
+    with a Copied that says why (BAD_INPUT with its log line, STALE_EPOCH,
+    NOT_HOLDER) and nothing stored; a box whose epoch or number is out of
+    range, a number not above the last, or records without a number (or
+    the reverse) is a log line, gets no Copied and changes nothing."""
     draw = data.draw
-    with fuzzed_world() as (net, peer):
+    # A newer a announced over the bare link leaves the real a stale at b:
+    # once the bare link closes, b lacks a holder (it still serves).
+    newer = draw(st.booleans(), label="b knows a newer a")
+    with fuzzed_world(still_serving=not newer) as (net, peer):
         b = net["b"]
-        known = b.cluster.holdings.known_epoch("a")
-        owner = draw(st.one_of(st.just("a"), node_names), label="owner")
-        epoch = draw(st.one_of(st.just(known), epochs), label="epoch")
+        known = newer_epoch_of_a(net, peer) if newer else b.cluster.holdings.known_epoch("a")
+        last = draw(st.one_of(st.just(0), st.integers(1, 3)), label="numbered before")
+        if last:  # an empty numbered box first: a link that numbered already
+            peer.send(cmd.Stream, epoch=known, seq=last, records=b"")
+            assert peer.copied == [copied(last)]
+        epoch = draw(stale_or_any_epoch(known, newer), label="epoch")
+        seq = draw(st.sampled_from(["next", "next", "next", "none", "last", "any"]).flatmap(
+            lambda kind: {"next": st.just(last + 1), "none": st.none(), "last": st.just(last),
+                          "any": seqs}[kind]), label="seq")
         valid = encode_records([
             Record(format_id(draw(st.sampled_from(["a", "a", "b", "x"])), known,
                              draw(st.integers(1, 50))),
                    draw(st.binary(max_size=20)), draw(st.sampled_from([None, "text/plain"])),
                    draw(st.sampled_from([None, "", "key"])), draw(st.integers(0, 3)))
             for _ in range(draw(st.integers(0, 3)))])
-        records = draw(st.one_of(st.just(valid), st.binary(max_size=200),
-                                 st.just(valid).map(lambda v: mutated_bytes(draw, v))),
-                       label="records")
+        records = draw(st.sampled_from(["valid", "valid", "mutated", "bytes", "none"]).flatmap(
+            lambda kind: {"valid": st.just(valid), "mutated": mutated(valid),
+                          "bytes": st.binary(max_size=200), "none": st.none()}[kind]),
+            label="records")
         try:
-            decoded: list[Record] | None = decode_records(records)
+            decoded: list[Record] | None = None if records is None else decode_records(records)
         except WireError:
             decoded = None
-        queue, held, logged = own_queue(b), b.held("a"), warnings(net)
-        result = peer.call(cmd.Replicate, owner=owner, epoch=epoch, records=records)
-        if not 0 <= epoch <= MAX_EPOCH:
-            assert bad_input(net, result, "Replicate", logged), result
-        elif owner != "a":
-            assert error_type(result) is cmd.NotHolder, result
+        before, held, logged, answered = held_by(b), b.held("a"), warnings(net), len(peer.copied)
+        peer.send(cmd.Stream, epoch=epoch, seq=seq, records=records)
+        said = peer.copied[answered:]
+        if not (0 <= epoch <= MAX_EPOCH and (seq is None or 0 <= seq <= MAX_EPOCH)):
+            assert logged_bad(net, "Stream", logged), (epoch, seq)
+            assert said == []
+        elif seq is None and records is None:
+            assert said == [] and not logged_bad(net, "Stream", logged)
+        elif seq is None or records is None:  # records without a number, or the reverse
+            assert logged_bad(net, "Stream", logged)
+            assert said == []
+        elif seq <= last:  # a repeated or lower number
+            assert logged_bad(net, "Stream", logged, f"{seq}")
+            assert said == []
         elif 0 < epoch < known:
-            assert error_type(result) is cmd.StaleEpoch, result
+            assert said == [copied(seq, False, "STALE_EPOCH")]
         elif decoded is None:
-            assert bad_input(net, result, "Replicate", logged), result
+            assert logged_bad(net, "Stream", logged)
+            assert said == [copied(seq, False, "BAD_INPUT")]
         elif any(record.mid.node != "a" for record in decoded):
-            assert error_type(result) is cmd.NotHolder, result
+            assert said == [copied(seq, False, "NOT_HOLDER")]
         else:
-            assert result == {"held": True}
+            assert said == [copied(seq)]
+            assert not logged_bad(net, "Stream", logged)
             assert b.held("a") == held + len({record.id for record in decoded})
-        if not isinstance(result, dict):
-            assert b.held("a") == held
-        assert own_queue(b) == queue
+            assert replicas(b) >= before.replicas
+            assert own_queue(b) == before.queue
+            assert tombstones_of(b) == before.tombstones
+        if said != [copied(seq)]:  # not held: nothing stored, nothing changed
+            assert held_by(b) == before
+        link_kept(net, peer)
 
 
 @FUZZ
 @given(st.data())
-def test_fuzzed_tombstones_remove_exactly_what_they_name(data):
+def test_fuzzed_stream_tombstones_remove_exactly_what_they_name(data):
+    """Tombstones in a Stream are merged, even from a stale epoch (a
+    withdrawn push stays withdrawn) and beside records refused; bad bytes
+    are a log line and remove nothing.  A numbered box of tombstones is
+    acknowledged once they are held, or refused (BAD_INPUT) when they are
+    bad; records refused beside them refuse the number."""
     draw = data.draw
-    with fuzzed_world() as (net, peer):
+    # A newer a announced over the bare link leaves the real a stale at b:
+    # once the bare link closes, b lacks a holder (it still serves).
+    newer = draw(st.booleans(), label="b knows a newer a")
+    with fuzzed_world(still_serving=not newer) as (net, peer):
         b = net["b"]
+        known = newer_epoch_of_a(net, peer) if newer else b.cluster.holdings.known_epoch("a")
+        epoch = draw(stale_or_any_epoch(known, newer), label="epoch")
         real = sorted(b.node.queue)
         stones = Tombstones()
         for message_id in draw(st.lists(st.sampled_from(real), max_size=2)):
@@ -761,20 +958,118 @@ def test_fuzzed_tombstones_remove_exactly_what_they_name(data):
         payload = draw(st.one_of(st.just(valid), st.binary(max_size=200),
                                  st.just(valid).map(lambda v: mutated_bytes(draw, v))),
                        label="tombstones")
+        beside = draw(st.sampled_from(["nothing", "a number", "records refused"]),
+                      label="beside the tombstones")
+        arguments: dict[str, Any] = dict(epoch=epoch, tombstones=payload)
+        if beside == "a number":
+            arguments.update(seq=1)
+        elif beside == "records refused":
+            arguments.update(seq=1, records=b"\xff not records")
         try:
-            named = decode_tombstones(payload)
+            named: Tombstones | None = decode_tombstones(payload)
         except WireError:
             named = None
-        queue, logged = own_queue(b), warnings(net)
-        result = peer.call(cmd.Tombstones, tombstones=payload)
-        if named is None:
-            assert bad_input(net, result, "Tombstones", logged), result
-            assert own_queue(b) == queue
+        before, logged = held_by(b), warnings(net)
+        peer.send(cmd.Stream, **arguments)
+        if not 0 <= epoch <= MAX_EPOCH:  # the whole box is refused
+            assert logged_bad(net, "Stream", logged)
+            assert peer.copied == []
+            assert held_by(b) == before
+            link_kept(net, peer)
+            return
+        if beside == "records refused":
+            stale = 0 < epoch < known
+            assert peer.copied == [copied(1, False, "STALE_EPOCH" if stale else "BAD_INPUT")]
+        elif beside == "a number":
+            assert peer.copied == [copied(1) if named is not None
+                                   else copied(1, False, "BAD_INPUT")]
         else:
-            assert result == {}
-            gone = {i for i in queue
+            assert peer.copied == []
+        if named is None:
+            assert logged_bad(net, "Stream", logged)
+            assert held_by(b) == before
+        else:
+            gone = {i for i in before.queue
                     if (parse_id(i).node, parse_id(i).epoch, parse_id(i).seq) in named}
-            assert own_queue(b) == {i: s for i, s in queue.items() if i not in gone}
+            assert own_queue(b) == {i: s for i, s in before.queue.items() if i not in gone}
+            merged = Tombstones.from_dict(before.tombstones)
+            merged.merge(named)
+            assert tombstones_of(b) == merged.as_dict()
+            assert b.held("a") == 0 and replicas(b) == before.replicas
+        link_kept(net, peer)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzzed_stream_states_change_only_the_owners_copies(data):
+    """States in a Stream from a change a's copies held by b, and nothing
+    else: not b's own messages, not another owner's copies, nothing from a
+    stale epoch; bad bytes are a log line and change nothing."""
+    draw = data.draw
+    newer = draw(st.booleans(), label="b knows a newer a")
+    with fuzzed_world(still_serving=not newer, owners="bac") as (net, peer):
+        b = net["b"]
+        known = newer_epoch_of_a(net, peer) if newer else b.cluster.holdings.known_epoch("a")
+        epoch = draw(stale_or_any_epoch(known, newer), label="epoch")
+        ids = sorted({*b.node.queue, *(r.id for r in b.cluster.store.records())})
+        changes = [Record(message_id_of(draw, ids) if draw(st.booleans()) else
+                          draw(st.sampled_from(ids)), b"",
+                          deliveries=draw(st.integers(0, 2**32 - 1)), held=draw(st.booleans()),
+                          due=draw(st.none() | st.floats(1.0, 1e11)))
+                   for _ in range(draw(st.integers(0, 4)))]
+        try:
+            valid = encode_states(changes)
+        except Exception:  # an id no encoder takes (not ASCII, too long)
+            valid = b""
+        payload = draw(st.one_of(st.just(valid), st.binary(max_size=200),
+                                 st.just(valid).map(lambda v: mutated_bytes(draw, v))),
+                       label="states")
+        try:
+            decoded: list | None = decode_states(payload)
+        except WireError:
+            decoded = None
+        before, logged = held_by(b), warnings(net)
+        peer.send(cmd.Stream, epoch=epoch, states=payload)
+        expected = {r[0]: r for r in before.replicas}
+        if not 0 <= epoch <= MAX_EPOCH:
+            assert logged_bad(net, "Stream", logged)
+        elif 0 < epoch < known:  # an older incarnation no longer speaks for a
+            assert not logged_bad(net, "Stream", logged)
+        elif decoded is None:
+            assert logged_bad(net, "Stream", logged)
+        else:
+            assert not logged_bad(net, "Stream", logged)
+            for mid, message_id, deliveries, held, due in decoded:
+                if mid.node == "a" and message_id in expected:
+                    body = expected[message_id][1]
+                    expected[message_id] = (message_id, body, deliveries, held, due)
+        assert replicas(b) == frozenset(expected.values())
+        assert own_queue(b) == before.queue
+        assert tombstones_of(b) == before.tombstones and dict(b.cluster.store.epochs) == \
+            before.epochs
+        assert peer.copied == []
+        link_kept(net, peer)
+
+
+@FUZZ
+@given(upto=counts, holder=st.booleans(),
+       refused=st.none() | st.sampled_from(sorted(cmd.REFUSAL_CODES)) | st.text(max_size=12))
+def test_fuzzed_copied_is_noted_or_logged_and_changes_nothing(upto, holder, refused):
+    """A Copied about records b never streamed on this link settles
+    nothing; bad values are a log line; the link stays."""
+    with fuzzed_world() as (net, peer):
+        b = net["b"]
+        before, logged = held_by(b), warnings(net)
+        arguments: dict[str, Any] = dict(upto=upto, holder=holder)
+        if refused is not None:
+            arguments["refused"] = refused
+        peer.send(cmd.Copied, **arguments)
+        bad = not 0 <= upto <= MAX_EPOCH or (refused is not None
+                                             and refused not in cmd.REFUSAL_CODES)
+        assert logged_bad(net, "Copied", logged) == bad
+        assert held_by(b) == before
+        assert not b.node.readiness.fenced and b.node.readiness.reason() is None
+        link_kept(net, peer)
 
 
 @FUZZ
@@ -941,42 +1236,214 @@ def test_fuzzed_heartbeat_is_answered_or_refused(node, epoch, ready, serving):
         assert not b.node.readiness.fenced
 
 
+# -- Stream boxes refused through an authenticated connection -----------------------
+
+
+def a_records(*numbers: int, epoch: int = 1) -> bytes:
+    """Records of a's messages ``a.<epoch>.<number>``."""
+    return encode_records([Record(format_id("a", epoch, number), b"copy %d" % number)
+                           for number in numbers])
+
+
+def stream_refusals() -> list[Any]:
+    """(what a sends, one Stream box after another; the Copied b says for
+    the last; the warning b logs for it, or None)."""
+    foreign = encode_records([Record(format_id("a", 1, 7), b"mine"),
+                              Record(format_id("c", 1, 7), b"c's")])
+    own = encode_records([Record(format_id("b", 1, 1), b"b's own id")])
+    return [
+        pytest.param([dict(seq=1, records=b"\xff not records")],
+                     copied(1, False, "BAD_INPUT"), "", id="bad-records"),
+        pytest.param([dict(seq=1, records=a_records(1)[:-3])],
+                     copied(1, False, "BAD_INPUT"), "", id="truncated-records"),
+        pytest.param([dict(seq=1, records=foreign)],
+                     copied(1, False, "NOT_HOLDER"), None, id="another-owners-record"),
+        pytest.param([dict(seq=1, records=own)],
+                     copied(1, False, "NOT_HOLDER"), None, id="the-listeners-own-id"),
+        pytest.param([dict(seq=1, records=a_records(1)), dict(seq=1, records=a_records(2))],
+                     None, "stream number 1 after 1", id="number-repeated"),
+        pytest.param([dict(seq=3, records=a_records(1)), dict(seq=2, records=a_records(2))],
+                     None, "stream number 2 after 3", id="number-lower"),
+        pytest.param([dict(seq=1, records=a_records(1)), dict(seq=0, records=a_records(2))],
+                     None, "stream number 0 after 1", id="number-zero"),
+        pytest.param([dict(seq=1)], None, "", id="number-without-records"),
+        pytest.param([dict(records=a_records(1))], None, "", id="records-without-number"),
+        pytest.param([dict(seq=-1, records=a_records(1))], None, "not a count",
+                     id="negative-number"),
+        pytest.param([dict(seq=MAX_EPOCH + 1, records=a_records(1))], None, "not a count",
+                     id="number-out-of-range"),
+    ]
+
+
+@pytest.mark.parametrize("boxes, said, logged_why", stream_refusals())
+def test_stream_records_refused_change_nothing_and_keep_the_link(make, boxes, said,
+                                                                 logged_why):
+    """Records b does not take are a Copied that says why (BAD_INPUT also
+    a log line) when they came numbered, else only a log line: either way
+    nothing is stored, no epoch or tombstone changes, and the link stays and
+    numbers on."""
+    net = start_running(make(), owners="b")
+    peer = authenticated(net, "b", "a")
+    b = net["b"]
+    known = b.cluster.holdings.known_epoch("a")
+    *first, last = boxes
+    for box in first:
+        peer.send(cmd.Stream, epoch=known, **box)
+    assert peer.copied == [copied(box["seq"]) for box in first]
+    answered = len(peer.copied)
+    before, logged = held_by(b), warnings(net)
+    peer.send(cmd.Stream, epoch=known, **last)
+    assert peer.copied[answered:] == ([] if said is None else [said])
+    if logged_why is None:
+        assert not logged_bad(net, "Stream", logged)
+    else:
+        assert logged_bad(net, "Stream", logged, logged_why), net.logged(LogLevel.warn)
+    assert held_by(b) == before
+    link_kept(net, peer)
+    # The link numbers on: the next number with sound records is held.
+    numbers = [box.get("seq") for box in boxes]
+    after = max([0, *(n for n in numbers if n is not None and 0 <= n <= MAX_EPOCH)])
+    peer.send(cmd.Stream, epoch=known, seq=after + 1, records=a_records(40))
+    assert peer.copied[-1] == copied(after + 1)
+    assert b.held("a") == len(before.replicas) + 1
+    peer.close()
+
+
+def test_stream_from_a_stale_epoch_withdraws_but_stores_and_changes_nothing(make):
+    """Once b knows a newer a, a Stream with an older epoch of a is refused
+    (STALE_EPOCH) for its records and ignored for its states, but its
+    tombstones are merged: a push withdrawn must stay withdrawn.  Even the
+    current a speaks only for its own messages' states."""
+    net = start_running(make(), owners="ac")
+    peer = authenticated(net, "b", "a")
+    b = net["b"]
+    stale = b.cluster.holdings.known_epoch("a")
+    newer = newer_epoch_of_a(net, peer)
+    copies = sorted(record.id for record in b.cluster.store.records("a"))
+    of_c = sorted(record.id for record in b.cluster.store.records("c"))
+    assert len(copies) == len(of_c) == 4
+    set_aside = [Record(message_id, b"", deliveries=99, held=True, due=2e9)
+                 for message_id in [*copies, *of_c]]
+    withdrawn = Tombstones()
+    mid = parse_id(copies[0])
+    withdrawn.add(mid.node, mid.epoch, mid.seq)
+    before, logged = held_by(b), warnings(net)
+    peer.send(cmd.Stream, epoch=stale, seq=1, records=a_records(50, epoch=stale),
+              states=encode_states(set_aside), tombstones=encode_tombstones(withdrawn))
+    assert peer.copied == [copied(1, False, "STALE_EPOCH")]
+    assert not logged_bad(net, "Stream", logged)
+    assert b.cluster.store.get(copies[0]) is None and b.cluster.store.is_tombstoned(copies[0])
+    assert replicas(b) == {r for r in before.replicas if r[0] != copies[0]}
+    assert all(r[2:] == (0, False, None) for r in replicas(b))  # states ignored
+    assert own_queue(b) == before.queue
+    assert dict(b.cluster.store.epochs) == before.epochs
+    assert b.cluster.holdings.known_epoch("a") == newer
+    link_kept(net, peer)
+    # The newer a's word counts, for a's messages only.
+    kept = replicas(b)
+    peer.send(cmd.Stream, epoch=newer, seq=2, records=a_records(51, epoch=newer),
+              states=encode_states(set_aside[1:]))
+    assert peer.copied[-1] == copied(2)
+    assert b.held("a") == 4 - 1 + 1
+    for message_id in copies[1:]:
+        assert b.cluster.store.get(message_id).deliveries == 99
+    assert {r for r in replicas(b) if r[0] in of_c} == {r for r in kept if r[0] in of_c}
+    peer.close()
+
+
 # -- boxes no typed callRemote would send ------------------------------------------
 
 
-def replicate_box(net: Net, **strings: bytes) -> dict[str, bytes]:
-    known = net["b"].cluster.holdings.known_epoch("a")
-    return {"owner": b"a", "epoch": b"%d" % known, **strings}
+def b_message_tombstone(net: Net) -> bytes:
+    """The encoded tombstone of b's first own message."""
+    stones = Tombstones()
+    mid = parse_id(sorted(net["b"].node.queue)[0])
+    stones.add(mid.node, mid.epoch, mid.seq)
+    return encode_tombstones(stones)
 
 
 VALID_RECORDS = encode_records([Record(format_id("a", 1, 99), b"body")])
+RECORDS = {"seq": b"1", "records": b"1", "records.1": VALID_RECORDS}
+B_TOMBSTONE = object()  # stands for b_message_tombstone(net)
 
 
-@pytest.mark.parametrize("name, strings", [
-    ("Replicate", {"records": b"2", "records.1": VALID_RECORDS}),  # a chunk missing
-    ("Replicate", {"records": b"0"}),  # not a count
-    ("Replicate", {"records": b"one", "records.1": VALID_RECORDS}),
-    ("Replicate", {"records": b"99999999999"}),  # forged, huge
-    ("Replicate", {}),  # no count at all
-    ("Tombstones", {"tombstones": b"3", "tombstones.1": b"{}"}),
-])
-def test_forged_chunk_counts_are_bad_input(make, name, strings):
-    """Chunked is dqid's own AMP argument: a forged count is found while AMP
-    parses the box, before any responder runs, and is still BAD_INPUT with
-    its log line, on a link that stays open (no traceback: see ``nets``)."""
+@pytest.mark.parametrize("strings, named", [
+    ({"seq": b"1", "records": b"2", "records.1": VALID_RECORDS}, "records"),  # a chunk missing
+    ({"seq": b"1", "records": b"0"}, "records"),  # not a count
+    ({"seq": b"1", "records": b"one", "records.1": VALID_RECORDS}, "records"),
+    ({"seq": b"1", "records": b"99999999999"}, "records"),  # forged, huge
+    ({"seq": b"1", "records": b"-1", "records.1": VALID_RECORDS}, "records"),
+    ({"states": b"2", "states.1": b""}, "states"),
+    ({"tombstones": b"3", "tombstones.1": b"{}"}, "tombstones"),
+    # A forged part costs the whole box: the valid parts beside it too.
+    ({**RECORDS, "tombstones": b"2", "tombstones.1": B_TOMBSTONE}, "tombstones"),
+    ({"seq": b"1", "records": b"3", "records.1": VALID_RECORDS,
+      "tombstones": b"1", "tombstones.1": B_TOMBSTONE}, "records"),
+], ids=["chunk-missing", "zero-chunks", "word-count", "huge-count", "negative-count",
+        "states", "tombstones", "tombstones-beside-records", "records-beside-tombstones"])
+def test_forged_chunk_counts_in_a_stream_are_dropped_and_keep_the_link(make, strings, named):
+    """Chunked is dqid's own AMP argument: a forged count is found while the
+    box is read, before any of it is taken.  A Stream is not answered: the
+    box is logged as bad input (naming the part) and dropped whole (no
+    Copied, nothing stored or withdrawn), the link stays open (no
+    traceback: see ``nets``), and its number was not used up."""
     net = start_running(make(), owners="b")
     peer = authenticated(net, "b", "a")
-    queue, held, logged = own_queue(net["b"]), net["b"].held("a"), warnings(net)
-    if name == "Replicate":
-        strings = replicate_box(net, **strings)
-    result = peer.call_raw(name.encode(), **strings)
-    assert own_queue(net["b"]) == queue and net["b"].held("a") == held
-    assert isinstance(result, Failure) and result.check(amp.RemoteAmpError) \
-        and result.value.errorCode == b"BAD_INPUT", result
-    assert any(f"bad {name} from peer a" in line
-               for line in net.logged(LogLevel.warn)[logged:])
-    assert not peer.closed
+    b = net["b"]
+    known = b.cluster.holdings.known_epoch("a")
+    strings = {key: b_message_tombstone(net) if value is B_TOMBSTONE else value
+               for key, value in strings.items()}
+    before, logged, boxes = held_by(b), warnings(net), len(peer.client.boxes)
+    peer.send_raw(b"Stream", epoch=b"%d" % known, **strings)
+    assert logged_bad(net, "Stream", logged, named), net.logged(LogLevel.warn)
+    assert held_by(b) == before
+    assert peer.client.boxes[boxes:] == []  # not a word back: no answer, no Copied
+    link_kept(net, peer)
+    # The same number with sound records is taken and acknowledged.
+    peer.send(cmd.Stream, epoch=known, seq=1, records=VALID_RECORDS)
+    assert peer.copied == [copied(1)]
+    assert b.held("a") == 1
     peer.close()
+
+
+@pytest.mark.parametrize("name, strings, named", [
+    (b"Stream", {"epoch": b"one"}, "epoch"),
+    (b"Stream", {"epoch": b"1", "seq": b"first", **{k: v for k, v in RECORDS.items()
+                                                     if k != "seq"}}, "seq"),
+    (b"Stream", {"epoch": b"0x1", **RECORDS}, "epoch"),
+    (b"Stream", {**RECORDS}, "epoch"),  # no epoch
+    (b"Stream", {"epoch": b"1", "seq": b"1.5", "records": b"1",
+                 "records.1": VALID_RECORDS}, "seq"),
+    (b"Copied", {"upto": b"x", "holder": b"True"}, "upto"),
+    (b"Copied", {"upto": b"1", "holder": b"maybe"}, "holder"),
+    (b"Copied", {"holder": b"True"}, "upto"),  # no upto
+    (b"Copied", {"upto": b"1", "holder": b"True", "refused": b"\xff\xfe"},
+     "refused"),  # not UTF-8
+])
+def test_unanswered_values_amp_cannot_parse_are_dropped_and_keep_the_link(make, name,
+                                                                          strings, named):
+    """Values AMP's own types cannot parse (Integer, Boolean, Unicode, a
+    missing argument): an unanswered box is logged as bad input naming the
+    argument and dropped, nothing changes, the link stays and every node
+    serves on."""
+    net = start_running(make(), owners="b")
+    peer = authenticated(net, "b", "a")
+    b = net["b"]
+    before, logged, boxes = held_by(b), warnings(net), len(peer.client.boxes)
+    peer.send_raw(name, **strings)
+    assert logged_bad(net, name.decode(), logged, named), net.logged(LogLevel.warn)
+    assert held_by(b) == before
+    assert peer.client.boxes[boxes:] == []  # not a word back
+    link_kept(net, peer)
+    if name == b"Stream":  # its number was not used up
+        peer.send(cmd.Stream, epoch=b.cluster.holdings.known_epoch("a"), seq=1,
+                  records=VALID_RECORDS)
+        assert peer.copied == [copied(1)] and b.held("a") == 1
+    peer.close()
+    net.advance(DEFAULT_TIMINGS.heartbeat_interval * 2)
+    for member in net.members.values():
+        assert member.node.readiness.reason() is None
+        assert all(member.connected(p) for p in net.names if p != member.name)
 
 
 @pytest.mark.parametrize("name, strings", [

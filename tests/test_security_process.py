@@ -34,7 +34,7 @@ from dqid.ids import format_id, parse_id
 from dqid.keyfile import load_cluster_key
 from dqid.replica import Record
 from dqid.tombstones import Tombstones
-from dqid.wire import MAX_EPOCH, encode_records, encode_tombstones
+from dqid.wire import MAX_EPOCH, encode_records, encode_states, encode_tombstones
 
 from .cluster import LocalCluster
 from .procs import DqidProcess, cluster_key_file, free_port, run_dqid
@@ -65,10 +65,13 @@ class RawAmp:
         self.error: OSError | None = None  # how the node hung up, if not cleanly
 
     def send(self, command: type[amp.Command], **arguments: Any) -> None:
+        """One box; asked for an answer unless the command takes none
+        (Stream, Copied)."""
         box = command.makeArguments(arguments, None)
-        self.asked += 1
         box[b"_command"] = command.commandName
-        box[b"_ask"] = b"%d" % self.asked
+        if command.requiresAnswer:
+            self.asked += 1
+            box[b"_ask"] = b"%d" % self.asked
         self.send_bytes(box.serialize())
 
     def send_bytes(self, data: bytes) -> None:
@@ -110,6 +113,9 @@ class RawAmp:
             box[key] = value
 
     def call(self, command: type[amp.Command], **arguments: Any) -> dict[bytes, bytes] | None:
+        """Send ``command`` and read the next box: its answer, or None when
+        the node hung up (for an unanswered command, only a hang-up ends
+        the wait)."""
         self.send(command, **arguments)
         return self.read_box()
 
@@ -293,22 +299,28 @@ def test_impostor_with_the_wrong_key_never_joins_and_the_cluster_replicates(pool
 # -- the outsider of issue 9 ----------------------------------------------------------
 
 
-def outsider_steps(members: list[str], claimed: str, ids: list[str]) -> list[tuple[type, dict]]:
+def outsider_steps(members: list[str], claimed: str, ids: list[str],
+                   copies: list[str]) -> list[tuple[type, dict]]:
     """The issue's script: Hello as a member with a huge epoch, then take,
-    ack, read and forge."""
+    ack, read and forge (a Stream of records, states and tombstones, and a
+    Copied, neither of which is ever answered).  ``ids`` are the victim's
+    own messages, ``copies`` another member's that it holds."""
     stones = Tombstones()
-    for message_id in ids:
+    for message_id in [*ids, *copies]:
         mid = parse_id(message_id)
         stones.add(mid.node, mid.epoch, mid.seq)
     forged = [Record(format_id(claimed, MAX_EPOCH, seq), b"forged") for seq in (1, 2)]
+    set_aside = [Record(message_id, b"", deliveries=99, held=True) for message_id in copies]
     return [
         (cmd.Hello, dict(version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX,
                          node=claimed, epoch=MAX_EPOCH, cluster=members)),
         (cmd.Take, dict(count=1000, visibility=3600.0)),
         (cmd.Ack, dict(ids=ids)),
         (cmd.SyncStart, {}),
-        (cmd.Replicate, dict(owner=claimed, epoch=MAX_EPOCH, records=encode_records(forged))),
-        (cmd.Tombstones, dict(tombstones=encode_tombstones(stones))),
+        (cmd.Stream, dict(epoch=MAX_EPOCH, seq=1, records=encode_records(forged))),
+        (cmd.Stream, dict(epoch=MAX_EPOCH, states=encode_states(set_aside))),
+        (cmd.Stream, dict(epoch=1, tombstones=encode_tombstones(stones))),
+        (cmd.Copied, dict(upto=1, holder=True)),
         (cmd.Announce, dict(node=claimed, epoch=MAX_EPOCH)),
     ]
 
@@ -318,11 +330,11 @@ def test_outsider_script_is_refused_at_every_step(pool) -> None:
     victim = cluster["b"]
     amp_port = cluster.ports["b"][1]
     ids = push_ids(victim, 5, b"b")
-    push_ids(cluster["a"], 2, b"a")
+    copies = push_ids(cluster["a"], 2, b"a")
     before = {n: stats(cluster[n]) for n in "abc"}
     members = sorted([before["b"]["node"], *before["b"]["peers"]])  # as /stats tells
     addresses = []
-    for command, arguments in outsider_steps(members, "a", ids):
+    for command, arguments in outsider_steps(members, "a", ids, copies):
         outsider = RawAmp(amp_port)
         addresses.append(outsider.address)
         answer = outsider.call(command, **arguments)
@@ -331,7 +343,7 @@ def test_outsider_script_is_refused_at_every_step(pool) -> None:
     # All in one burst on one connection: still nothing answered.
     outsider = RawAmp(amp_port)
     addresses.append(outsider.address)
-    for command, arguments in outsider_steps(members, "c", ids):
+    for command, arguments in outsider_steps(members, "c", ids, copies):
         outsider.send(command, **arguments)
     assert outsider.hung_up()
     outsider.close()
@@ -361,6 +373,11 @@ def test_wrong_key_is_auth_failed_and_the_right_key_gets_in(pool) -> None:
     refusals above are the key's doing, not a broken client."""
     cluster = LocalCluster(pool, "ab").start()
     amp_port = cluster.ports["b"][1]
+    own = push_ids(cluster["b"], 2, b"b")
+    withdrawn = Tombstones()
+    for message_id in own:
+        mid = parse_id(message_id)
+        withdrawn.add(mid.node, mid.epoch, mid.seq)
     silent = RawAmp(amp_port, timeout=10.0)  # connects and never says a word
     connected_at = time.monotonic()
     right = load_cluster_key(cluster_key_file(pool.workdir))
@@ -377,7 +394,17 @@ def test_wrong_key_is_auth_failed_and_the_right_key_gets_in(pool) -> None:
         box = client.call(AuthProve, proof=proof)
         if works:
             assert answer_of(AuthProve, box) == {}
+            # A Stream before Hello is not answered: it is logged and
+            # dropped, and the connection stays (the next call is answered,
+            # after the Stream: boxes on one connection go in order).
+            client.send(cmd.Stream, epoch=1, seq=1, records=encode_records(
+                [Record(format_id("a", 1, 1), b"forged")]),
+                tombstones=encode_tombstones(withdrawn))
             assert error_code(client.call(cmd.SyncStart)) == b"NOT_HOLDER"  # no Hello yet
+            wait_until(lambda: log_lines(cluster["b"], rf"bad Stream from peer None at "
+                                                       rf"{client.address}: .*before Hello"),
+                       5, "b to log the Stream before Hello")
+            assert not client.closed
         else:
             assert error_code(box) == b"AUTH_FAILED", box
             assert client.hung_up()
@@ -392,6 +419,11 @@ def test_wrong_key_is_auth_failed_and_the_right_key_gets_in(pool) -> None:
     assert log_lines(cluster["b"], rf"refused peer connection from {silent.address}: "
                                    r"no authentication in time")
     assert all(ready_status(cluster[n]) == 200 for n in "ab")
+    # The Stream before Hello withdrew nothing and stored nothing.
+    now = stats(cluster["b"])
+    assert (now["depth"], now["ready"]) == (2, 2), now
+    assert now["peers"]["a"]["held"] == 0
+    assert "Traceback" not in cluster["b"].log_text()
 
 
 # -- mutual TLS ------------------------------------------------------------------------
