@@ -404,7 +404,8 @@ class Replicator:
         if entry is None:
             return
         if refused is not None or not writes:
-            self._settled(link, entry, refused is None and self.readiness.serving, refused)
+            self._settled(link, entry, refused is None and self.readiness.serving, refused,
+                          at_once=True)
         else:  # --data-dir: held once on disk
             gatherResults(writes, consumeErrors=True).addCallbacks(
                 lambda _: self._settled(link, entry, self.readiness.serving),
@@ -434,8 +435,15 @@ class Replicator:
         return None
 
     def _settled(self, link: Link, entry: Received, holder: bool,
-                 refused: str | None = None) -> None:
+                 refused: str | None = None, at_once: bool = False) -> None:
+        """``entry`` is held (or refused): acknowledged now (``at_once``:
+        the box settled as it arrived, so its Copied goes with the writes
+        of this read) or once per turn (copies settling as the disk
+        writes finish)."""
         Acknowledger.settle(entry, holder, refused)
+        if at_once:
+            self._acknowledge_link(link)
+            return
         self._to_acknowledge.add(link)
         if self._acknowledging is None:
             self._acknowledging = self.clock.callLater(0, self._acknowledge)
@@ -445,9 +453,11 @@ class Replicator:
         self._acknowledging = None
         links, self._to_acknowledge = self._to_acknowledge, set()
         for link in links:
-            acknowledger = self._acknowledgers.get(link)
-            if acknowledger is None:
-                continue
+            self._acknowledge_link(link)
+
+    def _acknowledge_link(self, link: Link) -> None:
+        acknowledger = self._acknowledgers.get(link)
+        if acknowledger is not None:
             for upto, holder, refused in acknowledger.due():
                 self.links.send(link, cmd.Copied, upto=upto, holder=holder, refused=refused)
 

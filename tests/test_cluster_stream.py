@@ -509,16 +509,14 @@ def test_silent_peer_fails_pushes_at_the_timeout_then_its_lane_is_freed(
     net = make("abc", min_copies=3, replication_timeout=2.0)
     a, b, c = net.start_all()
     replicator = c.cluster.replicator
-    acknowledge = replicator._acknowledge
+    acknowledge = replicator._acknowledge_link
     silent = [True]
 
-    def gate() -> None:
-        if silent[0]:  # C takes the records, answers heartbeats, says nothing
-            replicator._acknowledging = None
-            return
-        acknowledge()
+    def gate(link) -> None:
+        if not silent[0]:  # else C takes the records, answers heartbeats, says nothing
+            acknowledge(link)
 
-    monkeypatch.setattr(replicator, "_acknowledge", gate)
+    monkeypatch.setattr(replicator, "_acknowledge_link", gate)
     pushes = []
     for i in range(MAX_IN_FLIGHT + 2):  # one turn each
         pushes.append(a.push(b"unacknowledged %d" % i))
