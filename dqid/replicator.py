@@ -82,7 +82,10 @@ class Lane:
     """What goes to one peer: boxes unacknowledged on its link, batches
     waiting for room, acks of its messages waiting for this turn's box."""
 
-    sent: Unanswered[Awaiting] | None = None
+    # Per link: a peer may have two (each side dials); boxes sent on one
+    # are acknowledged on it, so a link that stops being the one used
+    # still settles what it carried, until it closes.
+    sent: dict[Link, Unanswered[Awaiting]] = field(default_factory=dict)
     backlog: list[Batch] = field(default_factory=list)
     confirmations: list[Deferred] = field(default_factory=list)
 
@@ -117,8 +120,7 @@ class Replicator:
 
     def in_flight(self, peer: str) -> int:
         """Numbered boxes to ``peer`` not acknowledged yet."""
-        sent = self._lanes[peer].sent
-        return 0 if sent is None else len(sent)
+        return sum(len(sent) for sent in self._lanes[peer].sent.values())
 
     def holders_reason(self) -> str | None:
         """Why a push cannot get its copies now, or None."""
@@ -233,19 +235,18 @@ class Replicator:
             batches, lane.backlog = lane.backlog, []
             self._settle(Awaiting(batches, confirmations), held=False)
             return
-        sent = lane.sent
-        if sent is None or sent.link is not link:
-            if sent is not None:  # a new link: the old one settles nothing more
-                self._settle_all(sent.drop_all(), held=False)
-            sent = lane.sent = Unanswered(link)
-        oldest = sent.oldest_sent()
         now = self.clock.seconds()
-        if oldest is not None and now - oldest > self.timings.replication_timeout:
-            # The peer acknowledged nothing for that long: no copies there.
-            self._settle_all(sent.drop_all(), held=False)
+        for stalled in lane.sent.values():
+            oldest = stalled.oldest_sent()
+            if oldest is not None and now - oldest > self.timings.replication_timeout:
+                # The peer acknowledged nothing for that long: no copies there.
+                self._settle_all(stalled.drop_all(), held=False)
+        sent = lane.sent.get(link)
+        if sent is None:
+            sent = lane.sent[link] = Unanswered(link)
         records = None
         batches = []
-        if lane.backlog and len(sent) < MAX_IN_FLIGHT:
+        if lane.backlog and self.in_flight(peer.node_id) < MAX_IN_FLIGHT:
             batches = [b for b in lane.backlog if not b.failed]
             lane.backlog = []
             if batches:
@@ -269,10 +270,11 @@ class Replicator:
         if peer is None:
             return
         lane = self._lanes[peer.node_id]
-        if lane.sent is None or lane.sent.link is not link:
-            return  # about an older link: counted as no copy already
+        sent = lane.sent.get(link)
+        if sent is None:
+            return  # about a closed link: counted as no copy already
         peer.last_seen = self.links.now()
-        settled = lane.sent.acknowledged(upto)
+        settled = sent.acknowledged(upto)
         if refused is not None:
             self._refused(peer, refused)
         for awaiting in settled:
@@ -293,8 +295,8 @@ class Replicator:
         self._acknowledgers.pop(link, None)
         self._to_acknowledge.discard(link)
         for lane in self._lanes.values():
-            if lane.sent is not None and lane.sent.link is link:
-                sent, lane.sent = lane.sent, None
+            sent = lane.sent.pop(link, None)
+            if sent is not None:
                 self._settle_all(sent.drop_all(), held=False)
 
     def peer_down(self, peer: Peer) -> None:
@@ -303,9 +305,9 @@ class Replicator:
         waiting = Awaiting(lane.backlog, lane.confirmations)
         lane.backlog, lane.confirmations = [], []
         self._settle(waiting, held=False)
-        sent, lane.sent = lane.sent, None
-        if sent is not None:
-            self._settle_all(sent.drop_all(), held=False)
+        sent, lane.sent = lane.sent, {}
+        for unanswered in sent.values():
+            self._settle_all(unanswered.drop_all(), held=False)
 
     def _settle_all(self, settled: list[Awaiting], held: bool) -> None:
         for awaiting in settled:

@@ -23,7 +23,7 @@ from dqid.amp_protocol import PeerProtocol
 from dqid.errors import NotReady, NotReplicated
 from dqid.ids import format_id
 from dqid.replica import Record
-from dqid.replicator import MAX_IN_FLIGHT
+from dqid.replicator import MAX_IN_FLIGHT, Awaiting
 from dqid.timings import DEFAULT_TIMINGS
 from dqid.wire import decode_records, encode_records
 
@@ -472,16 +472,18 @@ def test_reconnected_link_numbers_from_one_and_old_copied_settles_nothing(make, 
     wire.check()
 
 
-def test_a_newer_link_to_the_peer_replaces_the_old_one(make, wire):
+def test_a_newer_link_to_the_peer_still_settles_what_the_old_one_carried(make, wire):
+    # Both sides dial, so a peer often has two links and the newer one
+    # becomes the one used: boxes sent on the older one are acknowledged
+    # on it (a push is not failed because a second connection came up).
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
     net.pause("a", "c")
-    stuck = a.push(b"on the old link")
+    waiting = a.push(b"on the old link")
     net.settle()
-    assertNoResult(stuck)
-    # C dials A too: A now sends to C on the newer link.
+    assertNoResult(waiting)
     (old_link,) = net.links_between("a", "c")
-    newer = net.connect("c", "a")
+    newer = net.connect("c", "a")  # C dials A too: A sends to C on it now
     net.settle()
     new_end = newer.server
     fresh = a.push(b"on the new link")
@@ -489,15 +491,39 @@ def test_a_newer_link_to_the_peer_replaces_the_old_one(make, wire):
     fresh_id = successResultOf(fresh).ids[0]
     assert wire.numbered("a", link=new_end) == [1]
     assert holds(c, fresh_id)
-    # What waited on the old link counted as no copy, once.
-    failureResultOf(stuck, NotReplicated)
-    # The old link delivers at last: C's Copied for it settles nothing.
+    assertNoResult(waiting)  # still waits for C's word on the old link
+    assert a.cluster.replicator.in_flight("c") == 1
     net.resume("a", "c")
     net.settle()
     assert wire.copied("c", "a", link=old_link.server) == [
         dict(upto=1, holder=True, refused=None)]
-    assert a.node.queue.depth == 1
-    assert take_all(net, a) == [fresh_id]
+    waiting_id = successResultOf(waiting).ids[0]
+    assert a.cluster.replicator.in_flight("c") == 0
+    assert take_all(net, a) == [waiting_id, fresh_id]
+    wire.check()
+
+
+def test_a_closed_link_settles_what_it_carried_as_no_copy(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")
+    lost = a.push(b"on the old link")
+    net.settle()
+    (old_link,) = net.links_between("a", "c")
+    newer = net.connect("c", "a")
+    net.settle()
+    old_link.pump.clientIO.getOutBuffer()  # its bytes in flight are lost ...
+    old_link.pump.serverIO.getOutBuffer()
+    old_link.client.transport.loseConnection()  # ... and it closes
+    old_link.paused = False
+    net.settle()
+    failureResultOf(lost, NotReplicated)  # no copy on C counted, once
+    assert c.held("a") == 0
+    assert a.cluster.replicator.in_flight("c") == 0
+    fresh = a.push(b"on the new link")
+    net.settle()
+    successResultOf(fresh)
+    assert wire.numbered("a", link=newer.server) == [1]
     wire.check()
 
 
@@ -620,9 +646,8 @@ def _raw_box(net: Net, owner: str, peer: str, records: bytes) -> int:
     number taken from its own numbering, so its stream goes on)."""
     replicator = net[owner].cluster.replicator
     end = end_of(net, owner, peer)
-    lane = replicator._lanes[peer]
-    assert lane.sent is not None and lane.sent.link is end
-    seq = lane.sent.send([], net.clock.seconds())
+    sent = replicator._lanes[peer].sent[end]
+    seq = sent.send(Awaiting([], []), net.clock.seconds())
     end.send(cmd.Stream, epoch=net[owner].node.epoch, seq=seq, records=records)
     return seq
 
