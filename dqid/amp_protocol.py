@@ -324,34 +324,32 @@ class PeerProtocol(amp.AMP):
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
     def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
-               states: bytes | None = None, tombstones: bytes | None = None) -> dict:
+               states: bytes | None = None, tombstones: bytes | None = None) -> None:
         # Unanswered: a bad box is logged and dropped, the link stays.
         if self.peer_id is None:
             self._bad_input(WireError("Stream before Hello"), "Stream")
-            return {}
+            return
         try:
             checked_epoch(epoch)
             if seq is not None:
                 checked_count(seq, MAX_EPOCH)
         except WireError as error:
             self._bad_input(error, "Stream")
-            return {}
+            return
         self.handlers.on_stream(self, epoch, seq, records, states, tombstones)
-        return {}
 
-    def copied(self, upto: int, holder: bool, refused: str | None = None) -> dict:
+    def copied(self, upto: int, holder: bool, refused: str | None = None) -> None:
         if self.peer_id is None:
             self._bad_input(WireError("Copied before Hello"), "Copied")
-            return {}
+            return
         try:
             checked_count(upto, MAX_EPOCH)
             if refused is not None and refused not in cmd.REFUSAL_CODES:
                 raise WireError(f"not a refusal: {refused[:20]!r}")
         except WireError as error:
             self._bad_input(error, "Copied")
-            return {}
+            return
         self.handlers.on_copied(self, upto, holder, refused)
-        return {}
 
     @cmd.Ack.responder
     def ack(self, ids: list[str]) -> dict:
