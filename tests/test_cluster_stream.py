@@ -472,19 +472,26 @@ def test_reconnected_link_numbers_from_one_and_old_copied_settles_nothing(make, 
     wire.check()
 
 
+def _a_push_waits_on_an_older_link(net: Net) -> tuple[Deferred, Any, Any]:
+    """A's push waits for C on their link, then C dials A too (A sends to
+    C on the newer link from then on): the push, the old and new links."""
+    net.pause("a", "c")
+    waiting = net["a"].push(b"on the old link")
+    net.settle()
+    assertNoResult(waiting)
+    (old_link,) = net.links_between("a", "c")
+    newer = net.connect("c", "a")
+    net.settle()
+    return waiting, old_link, newer
+
+
 def test_a_newer_link_to_the_peer_still_settles_what_the_old_one_carried(make, wire):
     # Both sides dial, so a peer often has two links and the newer one
     # becomes the one used: boxes sent on the older one are acknowledged
     # on it (a push is not failed because a second connection came up).
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
-    net.pause("a", "c")
-    waiting = a.push(b"on the old link")
-    net.settle()
-    assertNoResult(waiting)
-    (old_link,) = net.links_between("a", "c")
-    newer = net.connect("c", "a")  # C dials A too: A sends to C on it now
-    net.settle()
+    waiting, old_link, newer = _a_push_waits_on_an_older_link(net)
     new_end = newer.server
     fresh = a.push(b"on the new link")
     net.settle()
@@ -506,12 +513,7 @@ def test_a_newer_link_to_the_peer_still_settles_what_the_old_one_carried(make, w
 def test_a_closed_link_settles_what_it_carried_as_no_copy(make, wire):
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
-    net.pause("a", "c")
-    lost = a.push(b"on the old link")
-    net.settle()
-    (old_link,) = net.links_between("a", "c")
-    newer = net.connect("c", "a")
-    net.settle()
+    lost, old_link, newer = _a_push_waits_on_an_older_link(net)
     old_link.pump.clientIO.getOutBuffer()  # its bytes in flight are lost ...
     old_link.pump.serverIO.getOutBuffer()
     old_link.client.transport.loseConnection()  # ... and it closes
