@@ -3,17 +3,19 @@
 A push is pending until ``min_copies`` holders (the owner included) have
 it.  What a reactor turn changed goes to each linked peer as one ``Stream``
 box that needs no answer: the turn's new records (numbered per link), the
-changed states of the node's own messages, and tombstones.  States
-are not urgent: they wait up to ``states_linger`` for a box that goes
-anyway, and a message acked meanwhile sends none (its tombstone says
-more).  Each peer says
-``Copied(upto)`` once per turn for every record it holds (on disk, with
-``--data-dir``), and the pushes settle from that (:mod:`dqid.stream`).  At
-most ``MAX_IN_FLIGHT`` numbered boxes wait unacknowledged per peer; what
-comes meanwhile waits and goes as one box (group commit under load).  A
-link lost, or a peer that acknowledges nothing for ``replication_timeout``,
-counts as no copy.  A push that cannot get its copies in time is withdrawn
-everywhere with a tombstone, so it is never delivered later.
+changed states of the node's own messages, and tombstones.  Each peer says
+``Copied(upto)``, cumulative, for every record it holds (on disk, with
+``--data-dir``), and the pushes settle from that (:mod:`dqid.stream`).
+
+* At most ``MAX_IN_FLIGHT`` numbered boxes wait unacknowledged per peer;
+  what comes meanwhile waits and goes as one box (group commit under load).
+* A link lost, or a peer that acknowledges nothing for
+  ``replication_timeout``, counts as no copy.  A push that cannot get its
+  copies in time is withdrawn everywhere with a tombstone.
+* States are not urgent: they wait up to ``states_linger`` for a box that
+  goes anyway, and a message acked meanwhile sends none.
+* An ack of a peer's message rides the turn's box, numbered to that peer
+  (its owner), whose Copied confirms it (:meth:`confirm_tombstone`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from .wire import (
 
 # Numbered Stream boxes to one peer that may wait unacknowledged at once.
 MAX_IN_FLIGHT = 4
-
 
 
 def refusal(error: Exception) -> str:

@@ -1,11 +1,11 @@
 """Numbers and acknowledgements of the replication stream (pure).
 
 An owner sends what a turn changed to each peer as one ``Stream`` box that
-needs no answer; a box that carries records gets the next number of its
-link (1, 2, ...).  The peer says ``Copied(upto)`` once it holds every record
-numbered up to ``upto`` on that link (on disk, with ``--data-dir``): one
-cumulative acknowledgement per turn, never for a number before the ones
-below it are settled.  A link that goes down settles nothing more: what
+needs no answer; a box that carries records (or acks the peer must
+confirm) gets the next number of its link (1, 2, ...).  The peer says
+``Copied(upto)`` once it holds everything numbered up to ``upto`` on that
+link (on disk, with ``--data-dir``): a cumulative acknowledgement, never for
+a number before the ones below it are settled.  A link that goes down settles nothing more: what
 waited on it counts as not held (a new link numbers from 1 again).
 
 :class:`Unanswered` is the owner's side of one link, :class:`Acknowledger`
