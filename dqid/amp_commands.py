@@ -190,11 +190,12 @@ class Heartbeat(amp.Command):
 
 class Stream(amp.Command):
     """What a turn of the caller changed, for the callee to hold (not
-    answered; see :mod:`dqid.stream`): its new records, numbered ``seq`` on
-    this link (both present or both absent); the states of its own messages
-    that changed (``wire.encode_states``); tombstones of any owner.
-    ``epoch`` is the caller's serving epoch.  The callee acknowledges
-    records with ``Copied``."""
+    answered; see :mod:`dqid.stream`): its new records; the states of its
+    own messages that changed (``wire.encode_states``); tombstones of any
+    owner.  A box with records, or with acks of the callee's messages that
+    the callee must confirm, is numbered ``seq`` on this link, and the
+    callee acknowledges it with ``Copied``.  ``epoch`` is the caller's
+    serving epoch."""
 
     arguments = [
         (b"epoch", amp.Integer()),

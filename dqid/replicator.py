@@ -244,7 +244,7 @@ class Replicator:
                 self._settle_all(stalled.drop_all(), held=False)
         sent = lane.sent.get(link)
         if sent is None:
-            sent = lane.sent[link] = Unanswered(link)
+            sent = lane.sent[link] = Unanswered()
         records = None
         batches = []
         if lane.backlog and self.in_flight(peer.node_id) < MAX_IN_FLIGHT:
@@ -285,7 +285,7 @@ class Replicator:
             self._send(peer, {})
 
     def _refused(self, peer: Peer, code: str) -> None:
-        if code == refusal(cmd.StaleEpoch()):
+        if code == cmd.COMMON_ERRORS[cmd.StaleEpoch].decode("ascii"):
             error: Exception = cmd.StaleEpoch(f"{peer.node_id} knows a newer epoch")
         else:
             error = cmd.NotHolder(f"{peer.node_id} refused our records: {code}")

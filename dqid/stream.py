@@ -25,10 +25,10 @@ T = TypeVar("T")
 
 @dataclass(eq=False)
 class Unanswered(Generic[T]):
-    """The boxes with records sent on one link and not acknowledged yet,
-    oldest first; each carries what settles when it is (``item``)."""
+    """The numbered boxes sent on one link (the sender keeps one per link)
+    and not acknowledged yet, oldest first; each carries what settles when
+    it is (``item``)."""
 
-    link: object  # the link the numbers belong to
     numbered: int = 0  # the last number given on this link
     _waiting: deque[tuple[int, float, T]] = field(default_factory=deque)
 

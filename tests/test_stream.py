@@ -29,18 +29,18 @@ REFUSALS = ("BAD_INPUT", "STALE_EPOCH", "NOT_HOLDER", "DISK")
 
 
 def test_boxes_are_numbered_from_one_on_each_link():
-    sent = Unanswered(link="L1")
+    sent = Unanswered()
     assert sent.numbered == 0 and len(sent) == 0 and sent.oldest_sent() is None
     assert [sent.send(item, 1.0) for item in "abc"] == [1, 2, 3]
     assert sent.numbered == 3 and len(sent) == 3
     # Another link numbers on its own, from 1.
-    other = Unanswered(link="L2")
+    other = Unanswered()
     assert other.send("x", 2.0) == 1
     assert sent.send("d", 3.0) == 4
 
 
 def test_acknowledged_settles_exactly_the_boxes_up_to_upto_once():
-    sent = Unanswered(link="L")
+    sent = Unanswered()
     for number, item in enumerate("abcde", start=1):
         assert sent.send(item, float(number)) == number
     assert sent.acknowledged(0) == []
@@ -55,7 +55,7 @@ def test_acknowledged_settles_exactly_the_boxes_up_to_upto_once():
 
 
 def test_drop_all_gives_every_waiting_item_and_numbering_goes_on():
-    sent = Unanswered(link="L")
+    sent = Unanswered()
     sent.send("a", 1.0)
     sent.send("b", 2.0)
     sent.send("c", 3.0)
@@ -163,7 +163,7 @@ def test_settled_in_any_order_only_boxes_settled_below_are_acknowledged(data):
         min_size=count, max_size=count), label="outcomes")
     say_after = data.draw(st.lists(st.booleans(), min_size=count, max_size=count),
                           label="due() after each settle")
-    owner: Unanswered[int] = Unanswered(link="L")
+    owner: Unanswered[int] = Unanswered()
     peer = Acknowledger()
     entries = {}
     for item in range(1, count + 1):
@@ -201,7 +201,7 @@ class StreamMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.owner: Unanswered[int] = Unanswered(link="L")
+        self.owner: Unanswered[int] = Unanswered()
         self.peer = Acknowledger()
         self.boxes: deque[int] = deque()  # numbers sent, not received yet
         self.copied: deque[tuple[int, bool, str | None]] = deque()  # said, not applied
