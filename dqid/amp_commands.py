@@ -9,8 +9,12 @@ any command on it.  Byte payloads (records, tombstones) may exceed AMP's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import cache
+
 from twisted.protocols import amp
 
+from .amp_framing import frame_box
 from .wire import WireError, join_chunks
 
 PROTOCOL_MIN = 3
@@ -30,6 +34,11 @@ class Chunked(amp.Argument):
         value = objects.get(_identifier(name))
         if value is None and self.optional:
             return
+        self.put(name, value, strings)
+
+    @staticmethod
+    def put(name: bytes, value: bytes, strings: dict[bytes, bytes]) -> None:
+        """``value`` into ``strings`` as its count and chunks."""
         chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
         strings[name] = b"%d" % len(chunks)
         for index, chunk in enumerate(chunks):
@@ -43,46 +52,50 @@ class Chunked(amp.Argument):
         objects[_identifier(name)] = join_chunks(strings, name)
 
 
-def encode_unanswered(command: type[amp.Command], values: dict) -> amp.AmpBox:
-    """The box of an unanswered ``command`` (``requiresAnswer`` False) with
-    ``values``, as AMP would make it, without its per-call Command
-    machinery: the replication stream is the hot path, and AMP's own
-    encoding costs more than the rest of a box."""
-    box = amp.AmpBox()
-    box[amp.COMMAND] = command.commandName
-    for name, argument in command.arguments:
-        value = values.get(_identifier(name))
+def encode_unanswered(command: type[amp.Command], values: dict) -> bytes:
+    """The framed box of an unanswered ``command`` (``requiresAnswer``
+    False) with ``values``, the bytes AMP would send, without its per-call
+    Command machinery: the replication stream is the hot path, and AMP's
+    own encoding costs more than the rest of a box."""
+    box = {amp.COMMAND: command.commandName}
+    for name, identifier, argument in _arguments(command):
+        value = values.get(identifier)
         if value is None:
             if not argument.optional:
                 raise TypeError(f"{command.__name__} needs {name!r}")
         elif isinstance(argument, Chunked):
-            argument.toBox(name, box, {_identifier(name): value}, None)
+            argument.put(name, value, box)
         else:
             box[name] = argument.toString(value)
-    return box
+    return frame_box(box)
 
 
-def decode_unanswered(command: type[amp.Command], box: amp.AmpBox) -> dict:
+def decode_unanswered(command: type[amp.Command], box: Mapping[bytes, bytes]) -> dict:
     """The values of an unanswered ``command``'s ``box``, as keyword
     arguments; a missing, unparseable or forged value is a WireError."""
     values = {}
-    for name, argument in command.arguments:
-        key = _identifier(name)
+    for name, identifier, argument in _arguments(command):
         if isinstance(argument, Chunked):
-            values[key] = (None if argument.optional and name not in box
-                           else join_chunks(box, name))
+            values[identifier] = (None if argument.optional and name not in box
+                                  else join_chunks(box, name))
             continue
         raw = box.get(name)
         if raw is None:
             if not argument.optional:
-                raise WireError(f"{command.__name__} without {key}")
-            values[key] = None
+                raise WireError(f"{command.__name__} without {identifier}")
+            values[identifier] = None
             continue
         try:
-            values[key] = argument.fromString(raw)
+            values[identifier] = argument.fromString(raw)
         except (ValueError, TypeError) as error:  # UnicodeDecodeError too
-            raise WireError(f"{command.__name__} {key}: {error}"[:200]) from None
+            raise WireError(f"{command.__name__} {identifier}: {error}"[:200]) from None
     return values
+
+
+@cache
+def _arguments(command: type[amp.Command]) -> tuple[tuple[bytes, str, amp.Argument], ...]:
+    """A command's arguments as (wire name, Python name, Argument)."""
+    return tuple((name, _identifier(name), argument) for name, argument in command.arguments)
 
 
 def _identifier(name: bytes) -> str:

@@ -13,6 +13,7 @@ cluster: it is written against :class:`Handlers`, which the cluster is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -23,6 +24,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
+from . import amp_framing
+from .amp_framing import BoxReader
 from .amp_commands import negotiate
 from .auth_commands import AuthChallenge, AuthProve
 from .handshake import DiallerHandshake, HandshakeFailed, ListenerHandshake
@@ -116,6 +119,7 @@ class PeerProtocol(amp.AMP):
         self._handshake: DiallerHandshake | ListenerHandshake | None = None
         self._auth_timer: IDelayedCall | None = None
         self._address: str | None = None
+        self._reader = BoxReader()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -138,6 +142,33 @@ class PeerProtocol(amp.AMP):
                           "did not prove the cluster key (a wrong key?)",
                           address=self.remote_address())
         self._cancel_auth_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        """AMP's boxes, read a buffer at a time (:mod:`dqid.amp_framing`)
+        rather than a string at a time; what is done with each box is
+        AMP's, except that the stream's unanswered boxes, once the peer is
+        authenticated, go straight to their method."""
+        if self.innerProtocol is not None:  # never switched here; as AMP does
+            self.innerProtocol.dataReceived(data)
+            return
+        self._justStartedTLS = False
+        reader = self._reader
+        for box in reader.feed(data):
+            self._box_received(box)
+        if reader.key_too_long:
+            self.lengthLimitExceeded(amp_framing.MAX_KEY_LENGTH + 1)
+
+    def _box_received(self, box: dict[bytes, bytes]) -> None:
+        unanswered = _UNANSWERED.get(box.get(amp.COMMAND, b"")) if self.authenticated else None
+        if unanswered is None or amp.ASK in box:
+            self.ampBoxReceived(amp.AmpBox(box))
+            return
+        command, method = unanswered
+        try:
+            self._receive_unanswered(command, method, box)
+        except Exception as error:  # as dispatchCommand: logged, dropped
+            self._bad_input(WireError(f"arguments not understood: {error!r}"[:200]),
+                            command.__name__)
 
     def dispatchCommand(self, box: amp.AmpBox) -> Deferred:
         """As AMP does, except that arguments AMP cannot parse (a forged
@@ -224,7 +255,7 @@ class PeerProtocol(amp.AMP):
             unanswered = _UNANSWERED.get(name) if self.authenticated else None
             if unanswered is not None:
                 command, method = unanswered
-                return lambda box: self._receive_unanswered(command, method, box)
+                return lambda box: succeed(self._receive_unanswered(command, method, box))
             return super().locateResponder(name)
         self._refuse(f"{name.decode('ascii', 'replace')!r} before authentication")
         return lambda box: Deferred()  # never answered; the connection closes
@@ -263,17 +294,16 @@ class PeerProtocol(amp.AMP):
         """Send an unanswered command (Stream, Copied); nothing comes back,
         and on a closed link nothing goes."""
         if self.transport is not None:
-            self.sendBox(cmd.encode_unanswered(command, values))
+            self.transport.write(cmd.encode_unanswered(command, values))
 
     def _receive_unanswered(self, command: type[amp.Command], method: str,
-                            box: amp.AmpBox) -> Deferred:
+                            box: Mapping[bytes, bytes]) -> None:
         try:
             values = cmd.decode_unanswered(command, box)
         except WireError as error:
             self._bad_input(error, command.__name__)
         else:
             getattr(self, method)(**values)
-        return succeed(None)
 
     # -- the cluster's commands ----------------------------------------------
 

@@ -1446,6 +1446,47 @@ def test_unanswered_values_amp_cannot_parse_are_dropped_and_keep_the_link(make, 
         assert all(member.connected(p) for p in net.names if p != member.name)
 
 
+def test_a_stream_box_arriving_a_byte_at_a_time_is_held_once(make):
+    """The node reads AMP's framing a buffer at a time: a box cut into
+    single bytes is still one box, held and acknowledged once."""
+    net = start_running(make(), owners="b")
+    peer = authenticated(net, "b", "a")
+    b = net["b"]
+    box = amp.AmpBox(_command=b"Stream", epoch=b"%d" % b.cluster.holdings.known_epoch("a"),
+                     **RECORDS).serialize()
+    for index in range(len(box)):
+        peer.client.transport.write(box[index:index + 1])
+        peer.pump.flush()
+        assert peer.copied == ([] if index < len(box) - 1 else [copied(1)])
+    peer.settle()
+    assert peer.copied == [copied(1)] and b.held("a") == 1
+    link_kept(net, peer)
+
+
+@pytest.mark.parametrize("length", [256, 0xFFFF])
+def test_a_key_longer_than_amp_allows_closes_the_link_and_changes_nothing(make, length):
+    """As AMP does: a key length over 255 closes the connection; the boxes
+    before it count, nothing after it is read, and the cluster serves on."""
+    net = start_running(make(), owners="b")
+    peer = authenticated(net, "b", "a")
+    b = net["b"]
+    before = held_by(b)
+    stream = amp.AmpBox(_command=b"Stream", epoch=b"%d" % b.cluster.holdings.known_epoch("a"),
+                        **RECORDS).serialize()
+    after = amp.AmpBox(_command=b"Stream", epoch=b"%d" % b.cluster.holdings.known_epoch("a"),
+                       seq=b"2", records=b"1", **{"records.1": encode_records(
+                           [Record(format_id("a", 1, 100), b"body")])}).serialize()
+    peer.client.transport.write(stream + length.to_bytes(2, "big") + b"k" * 300 + after)
+    peer.settle()
+    assert peer.closed
+    assert peer.copied == [copied(1)] and b.held("a") == 1  # the box before it only
+    assert held_by(b) != before
+    net.advance(DEFAULT_TIMINGS.heartbeat_interval * 2)
+    for member in net.members.values():
+        assert member.node.readiness.reason() is None
+        assert all(member.connected(p) for p in net.names if p != member.name)
+
+
 @pytest.mark.parametrize("name, strings", [
     (b"Take", {"count": b"many", "visibility": b"30"}),
     (b"Take", {"count": b"1", "visibility": b"fast"}),
