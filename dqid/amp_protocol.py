@@ -12,8 +12,8 @@ cluster: it is written against :class:`Handlers`, which the cluster is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from . import amp_framing
-from .amp_framing import BoxReader
 from .amp_commands import negotiate
+from .amp_framing import BoxReader
 from .auth_commands import AuthChallenge, AuthProve
 from .handshake import DiallerHandshake, HandshakeFailed, ListenerHandshake
 from .node import LeaseChange
