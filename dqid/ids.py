@@ -9,6 +9,7 @@ character is URL-safe, so an id goes into a path as it is.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple
 
 NODE_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
@@ -62,8 +63,12 @@ _ID_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=1024)
 def parse_id(text: str) -> MessageId:
-    """Split a message id; ValueError if it is not one dqid could mint."""
+    """Split a message id; ValueError if it is not one dqid could mint.
+
+    Cached (a few recent ids): one ack or state change reads its id in
+    several layers, one after the other."""
     match = _ID_RE.match(text)
     if match is None:
         raise ValueError(f"not a dqid message id: {text!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Container, Iterable, Iterator, Protocol
 
-from .ids import MessageId, format_id, parse_id
+from .ids import MessageId, format_id, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
 
 
@@ -20,11 +20,12 @@ def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
                  ranges: RangeSet) -> list[str]:
     """The ids in ``held`` (owner's ids) that ``ranges`` of ``epoch`` cover."""
     if len(ranges) <= len(held):
+        prefix = format_id(owner, epoch, 0)[:-1]  # "OWNER.EPOCH.", spelt once
         return [
             message_id
             for start, end in ranges.ranges()
             for seq in range(start, end)
-            if (message_id := format_id(owner, epoch, seq)) in held
+            if (message_id := prefix + to_base36(seq)) in held
         ]
     found = []
     for message_id in held:
@@ -107,8 +108,9 @@ class ReplicaStore:
         return iter([r for by_id in self._records.values() for r in by_id.values()])
 
     def get(self, message_id: str) -> Record | None:
-        owner = parse_id(message_id).node
-        return self._records.get(owner, {}).get(message_id)
+        """The record held under ``message_id`` (None for any other text)."""
+        by_id = self._records.get(message_id.partition(".")[0])
+        return None if by_id is None else by_id.get(message_id)
 
     def is_tombstoned(self, message_id: str) -> bool:
         return parse_id(message_id) in self.tombstones

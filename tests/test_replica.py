@@ -276,3 +276,17 @@ def test_tombstone_before_record_blocks_it():
     assert store.held("b") == 5
     assert store.add_many([record(("b", 2, s)) for s in range(10)]) == []
     assert store.held("b") == 5
+
+
+@settings(max_examples=200)
+@given(ops, st.text(max_size=30))
+def test_get_finds_a_held_record_by_its_id_and_nothing_by_any_other_text(op_list, text):
+    """``get`` looks up by the owner part of the id: any text that is not
+    the id of a record held (malformed ids, ids of tombstoned records, ids
+    with the owner of a held one) finds nothing."""
+    store, model = build(op_list)
+    held = store.live_ids()
+    for candidate in [text, *(i + text for i in held), *(i.split(".")[0] + "." + text
+                                                        for i in held)]:
+        got = store.get(candidate)
+        assert (got.id if got is not None else None) == (candidate if candidate in held else None)
