@@ -1464,7 +1464,7 @@ def test_a_stream_box_arriving_a_byte_at_a_time_is_held_once(make):
 
 
 @pytest.mark.parametrize("length", [256, 0xFFFF])
-def test_a_key_longer_than_amp_allows_closes_the_link_and_changes_nothing(make, length):
+def test_a_key_longer_than_amp_allows_closes_the_link_and_reads_nothing_after_it(make, length):
     """As AMP does: a key length over 255 closes the connection; the boxes
     before it count, nothing after it is read, and the cluster serves on."""
     net = start_running(make(), owners="b")
