@@ -46,33 +46,47 @@ def frame_box(box: Mapping[bytes, bytes]) -> bytes:
 class BoxReader:
     """The boxes in a byte stream, fed in any pieces.
 
-    :meth:`feed` returns the boxes a piece completes.  A key longer than
-    AMP allows stops the reading for good (``key_too_long``): the
-    connection is to be closed, as AMP closes it.
+    :meth:`feed` returns the boxes a piece completes; ``feed(b"")`` reads
+    on in what is already here.  A key longer than AMP allows stops the
+    reading for good (``key_too_long``): the connection is to be closed, as
+    AMP closes it.  So does a box longer than ``box_limit`` bytes, when
+    there is one (``box_too_long``): what the other side sends before it
+    has proven anything is kept small.  While there is a limit, a feed
+    returns one box at most, so that the limit read for the next box is
+    the one its predecessor left.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, box_limit: int | None = None) -> None:
+        self.box_limit = box_limit  # bytes a box may take; None: any
         self.key_too_long = False
+        self.box_too_long = False
         self._pending = b""  # the start of a string not yet whole
         self._box: dict[bytes, bytes] = {}  # the box being read
+        self._box_bytes = 0  # what it took so far, prefixes included
         self._key: bytes | None = None  # its key awaiting a value
 
     def feed(self, data: bytes) -> list[dict[bytes, bytes]]:
-        if self.key_too_long:
+        if self.key_too_long or self.box_too_long:
             return []
         buffer = self._pending + data if self._pending else data
         size = len(buffer)
+        limit = self.box_limit
         position = 0
         boxes: list[dict[bytes, bytes]] = []
-        box, key = self._box, self._key
+        box, key, box_start = self._box, self._key, -self._box_bytes
         while position + 2 <= size:
             start = position + 2
             end = start + (buffer[position] << 8 | buffer[position + 1])
+            if limit is not None and end - box_start > limit:
+                self.box_too_long = True
+                break
             if key is None:
                 if end == start:  # a zero length: the end of the box
                     boxes.append(box)
                     box = {}
-                    position = start
+                    position = box_start = start
+                    if limit is not None:  # one at a time: a box may lift the limit
+                        break
                     continue
                 if end - start > MAX_KEY_LENGTH:
                     self.key_too_long = True
@@ -87,5 +101,5 @@ class BoxReader:
                 key = None
             position = end
         self._pending = buffer[position:]
-        self._box, self._key = box, key
+        self._box, self._key, self._box_bytes = box, key, position - box_start
         return boxes

@@ -49,6 +49,11 @@ _UNANSWERED = {cmd.Stream.commandName: (cmd.Stream, "stream"),
 
 _AUTH_COMMANDS = frozenset({AuthChallenge.commandName, AuthProve.commandName})
 
+# The longest box read before the other side has proven the cluster key (the
+# handshake's boxes take about 200 bytes): an outsider cannot make a node
+# hold more than that of what it sends.
+UNAUTHENTICATED_BOX_BYTES = 4096
+
 
 @dataclass(frozen=True)
 class PeerAuth:
@@ -119,7 +124,7 @@ class PeerProtocol(amp.AMP):
         self._handshake: DiallerHandshake | ListenerHandshake | None = None
         self._auth_timer: IDelayedCall | None = None
         self._address: str | None = None
-        self._reader = BoxReader()
+        self._reader = BoxReader(box_limit=UNAUTHENTICATED_BOX_BYTES)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -153,10 +158,15 @@ class PeerProtocol(amp.AMP):
             return
         self._justStartedTLS = False
         reader = self._reader
-        for box in reader.feed(data):
-            self._box_received(box)
+        boxes = reader.feed(data)
+        while boxes:
+            for box in boxes:
+                self._box_received(box)
+            boxes = reader.feed(b"")
         if reader.key_too_long:
             self.lengthLimitExceeded(amp_framing.MAX_KEY_LENGTH + 1)
+        elif reader.box_too_long and self.transport is not None:
+            self._refuse(f"a box of over {UNAUTHENTICATED_BOX_BYTES} bytes before authentication")
 
     def _box_received(self, box: dict[bytes, bytes]) -> None:
         unanswered = _UNANSWERED.get(box.get(amp.COMMAND, b"")) if self.authenticated else None
@@ -222,6 +232,7 @@ class PeerProtocol(amp.AMP):
 
     def _authenticated(self, peer: str) -> None:
         self.authenticated = True
+        self._reader.box_limit = None  # a peer's boxes carry its records
         self._cancel_auth_timer()
         self.log.debug("peer {peer} at {address} proved the cluster key",
                        peer=peer, address=self.remote_address())

@@ -28,11 +28,19 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(edges, edges[1:])] or [b""]
 
 
+def read_all(reader: BoxReader, piece: bytes) -> list[dict]:
+    """What ``piece`` completes, read on until nothing more is whole."""
+    found = reader.feed(piece)
+    while more := reader.feed(b""):
+        found += more
+    return found
+
+
 def read(pieces: list[bytes]) -> tuple[list[dict], bool]:
     reader = BoxReader()
     found: list[dict] = []
     for piece in pieces:
-        found += reader.feed(piece)
+        found += read_all(reader, piece)
     return found, reader.key_too_long
 
 
@@ -92,6 +100,43 @@ def test_a_key_too_long_stops_the_reading(before: list[dict], length: int, after
     assert reader.key_too_long
     assert reader.feed(frame_box({b"k": b"v"})) == []
     assert twisted_read([data]) == (before, True)
+
+
+@settings(max_examples=300)
+@given(st.lists(boxes, max_size=5), st.integers(2, 2000),
+       st.lists(st.integers(0, 10**6), max_size=12))
+def test_boxes_over_the_limit_stop_the_reading(sent: list[dict], limit: int,
+                                               points: list[int]) -> None:
+    """With ``box_limit``: every box up to the first longer than the limit
+    is read, cut anywhere; that one and everything after it are not."""
+    data = b"".join(frame_box(box) for box in sent)
+    reader = BoxReader(box_limit=limit)
+    found: list[dict] = []
+    for piece in cut(data, points):
+        got = reader.feed(piece)
+        assert len(got) <= 1  # one at a time while limited
+        found += got + read_all(reader, b"")
+    sizes = [len(frame_box(box)) for box in sent]
+    whole = next((i for i, size in enumerate(sizes) if size > limit), len(sent))
+    assert found == sent[:whole]
+    assert reader.box_too_long == (whole < len(sent))
+
+
+@pytest.mark.parametrize("spare, read_whole", [(0, True), (-1, False)])
+def test_a_box_of_exactly_the_limit_is_read(spare: int, read_whole: bool) -> None:
+    box = {b"_command": b"AuthProve", b"proof": b"p" * 32}
+    framed = frame_box(box)
+    reader = BoxReader(box_limit=len(framed) + spare)
+    assert read_all(reader, framed + framed) == ([box, box] if read_whole else [])
+    assert reader.box_too_long != read_whole
+
+
+def test_a_long_value_is_refused_before_it_arrives() -> None:
+    """The declared length is enough: nothing of the value is kept."""
+    reader = BoxReader(box_limit=4096)
+    assert reader.feed(b"\x00\x01k\xff\xff") == []
+    assert reader.box_too_long
+    assert reader.feed(b"v" * 65535 + frame_box({b"k": b"v"})) == []
 
 
 def test_a_key_of_the_longest_length_is_read() -> None:

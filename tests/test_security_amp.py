@@ -446,6 +446,53 @@ def test_outsider_without_the_key_is_refused_at_every_step(make):
     assert "'Hello' before authentication" in line, line
 
 
+@pytest.mark.parametrize("first", [b"", b"challenge"])
+def test_outsider_box_longer_than_a_handshake_is_refused_before_it_is_read(make, first):
+    """Before the key is proven a box may take 4 KiB: an outsider that
+    announces a longer one, at once or after a challenge, is refused (a
+    log line, the connection closed) before the node reads the rest, and
+    nothing changes."""
+    net = running(make)
+    before = cluster_state(net)
+    outsider = bare(net, "b")
+    if first:
+        handshake = DiallerHandshake(net.key, "a", "b")
+        answer = outsider.call(AuthChallenge, node="a", nonce=handshake.challenge().nonce)
+        assert isinstance(answer, dict), answer
+    huge = amp.AmpBox(_command=b"Stream", epoch=b"1", seq=b"1", records=b"1",
+                      **{"records.1": b"x" * 60_000}).serialize()
+    outsider.client.transport.write(huge[:5000])  # the rest never needs to come
+    outsider.pump.flush()
+    assert outsider.closed
+    assert outsider.server._reader.feed(huge[5000:]) == []  # the reading stopped
+    assert any("over 4096 bytes before authentication" in line
+               for line in refusals(net, outsider.address))
+    net.settle()
+    assert_unharmed(net, before)
+
+
+def test_a_long_box_right_behind_the_proof_is_read_as_a_peers(make):
+    """The proof, Hello and a long Stream box arrive in one read: once the
+    proof is checked, the next box is a peer's and may be any length."""
+    net = start_running(make(), owners="b")
+    b = net["b"]
+    peer = bare(net, "b")
+    handshake = DiallerHandshake(net.key, "a", "b")
+    answer = peer.call(AuthChallenge, node="a", nonce=handshake.challenge().nonce)
+    proof = handshake.answered(answer["node"], answer["nonce"], answer["proof"])
+    proved = peer.client.callRemote(AuthProve, proof=proof)
+    hello = peer.client.callRemote(
+        cmd.Hello, version_min=cmd.PROTOCOL_MIN, version_max=cmd.PROTOCOL_MAX, node="a",
+        epoch=b.cluster.holdings.known_epoch("a"), cluster=sorted(net.names))
+    long_body = encode_records([Record(format_id("a", 1, 99), b"x" * 60_000)])
+    assert peer.client.callRemote(cmd.Stream, epoch=b.cluster.holdings.known_epoch("a"),
+                                  seq=1, records=long_body) is None
+    peer.settle()
+    assert peer.answer(proved) == {} and peer.answer(hello)["node"] == "b"
+    assert peer.copied == [copied(1)] and b.held("a") == 1
+    link_kept(net, peer)
+
+
 def test_outsider_refusals_change_nothing_across_time(make):
     """After the refusals, heartbeats and anti-entropy run on: nobody is
     fenced later by what an outsider claimed."""
