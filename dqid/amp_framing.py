@@ -60,13 +60,19 @@ class BoxReader:
         self.box_limit = box_limit  # bytes a box may take; None: any
         self.key_too_long = False
         self.box_too_long = False
+        self.stopped = False  # by stop(): nothing more is read
         self._pending = b""  # the start of a string not yet whole
         self._box: dict[bytes, bytes] = {}  # the box being read
         self._box_bytes = 0  # what it took so far, prefixes included
         self._key: bytes | None = None  # its key awaiting a value
 
+    def stop(self) -> None:
+        """Read nothing more (the connection is being closed)."""
+        self.stopped = True
+        self._pending = b""
+
     def feed(self, data: bytes) -> list[dict[bytes, bytes]]:
-        if self.key_too_long or self.box_too_long:
+        if self.key_too_long or self.box_too_long or self.stopped:
             return []
         buffer = self._pending + data if self._pending else data
         size = len(buffer)

@@ -214,10 +214,12 @@ class PeerProtocol(amp.AMP):
         return self._address
 
     def _refuse(self, why: str) -> None:
-        """The other side did not authenticate: log, close, change nothing."""
+        """The other side did not authenticate: log, close, change nothing
+        (and read nothing more of what it sent)."""
         self.log.warn("refused peer connection from {address}: {why}",
                       address=self.remote_address(), why=why)
         self._cancel_auth_timer()
+        self._reader.stop()
         self.transport.loseConnection()
 
     def _cancel_auth_timer(self) -> None:

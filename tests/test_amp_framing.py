@@ -157,3 +157,11 @@ def test_an_empty_box_is_read_as_one() -> None:
 def test_what_amp_cannot_frame_is_refused(box: dict) -> None:
     with pytest.raises(FramingError):
         frame_box(box)
+
+
+def test_nothing_is_read_after_stop() -> None:
+    box = {b"k": b"v"}
+    reader = BoxReader(box_limit=100)
+    assert reader.feed(frame_box(box) * 3) == [box]
+    reader.stop()
+    assert reader.feed(b"") == [] and reader.feed(frame_box(box)) == []

@@ -471,6 +471,21 @@ def test_outsider_box_longer_than_a_handshake_is_refused_before_it_is_read(make,
     assert_unharmed(net, before)
 
 
+def test_outsider_boxes_behind_the_refused_one_are_not_read(make):
+    """Many boxes in one read: the first refused is the last read, so
+    one write makes one log line, not one per box."""
+    net = running(make)
+    before = cluster_state(net)
+    outsider = bare(net, "b")
+    box = amp.AmpBox(_command=b"Peek", _ask=b"1", id=b"b.1.1").serialize()
+    outsider.client.transport.write(box * 200)
+    outsider.pump.flush()
+    assert outsider.closed
+    assert len(refusals(net, outsider.address)) == 1
+    net.settle()
+    assert_unharmed(net, before)
+
+
 def test_a_long_box_right_behind_the_proof_is_read_as_a_peers(make):
     """The proof, Hello and a long Stream box arrive in one read: once the
     proof is checked, the next box is a peer's and may be any length."""
