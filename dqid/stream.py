@@ -5,8 +5,9 @@ needs no answer; a box that carries records (or acks the peer must
 confirm) gets the next number of its link (1, 2, ...).  The peer says
 ``Copied(upto)`` once it holds everything numbered up to ``upto`` on that
 link (on disk, with ``--data-dir``): a cumulative acknowledgement, never for
-a number before the ones below it are settled.  A link that goes down settles nothing more: what
-waited on it counts as not held (a new link numbers from 1 again).
+a number before the ones below it are settled.  A link that goes down
+settles nothing more: what waited on it counts as not held (a new link
+numbers from 1 again).
 
 :class:`Unanswered` is the owner's side of one link, :class:`Acknowledger`
 the peer's.  Neither knows a reactor: times are passed in.
