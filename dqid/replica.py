@@ -5,15 +5,26 @@ union, and a tombstone always wins (a tombstoned record is dropped and never
 comes back).  So replay, retries, anti-entropy and state transfer are safe
 in any order.  The store also remembers the highest epoch seen per owner,
 which is how a stale twin of a node id is fenced off.
+
+Most copies arrive in bulk: a turn's fresh pushes of one owner, with
+consecutive seqs.  Such a :class:`Run` is kept as the bytes it arrived in,
+and a record of it is only parsed when it is read (a peek, a state change,
+a sync, a take-over).  Everything else is a :class:`Record` of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from array import array
+from dataclasses import dataclass, field
 from typing import Container, Iterable, Iterator, Protocol
 
 from .ids import MessageId, format_id, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
+
+# A run left with fewer live records than a quarter of it (and at least this
+# long) is unpacked: its live records become Records, its bytes are freed.
+RUN_UNPACK_LENGTH = 64
 
 
 def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
@@ -88,35 +99,225 @@ class Taken(Record):
                    record.deliveries, record.parsed, record.held, record.due, receipt)
 
 
+@dataclass(slots=True, eq=False)
+class Run:
+    """Records of one owner, fresh when they came (no deliveries, not held,
+    not delayed, no idempotency key, one content type), with the
+    consecutive seqs ``first, first + 1, ...`` of one epoch, kept as the
+    bytes they arrived in.  ``bodies`` holds each record's body as a start
+    and an end offset in ``data``; the ids are ``prefix`` + the seq in base
+    36.  ``gone`` has a byte per record, 1 once it is no longer held here
+    (tombstoned, or taken out as a Record); ``states`` keeps what the owner
+    said since."""
+
+    prefix: str  # "OWNER.EPOCH."
+    epoch: int
+    first: int
+    data: bytes
+    bodies: array  # 2 per record: body start, body end
+    content_type: str | None
+    # What the owner said since of some (deliveries, held, due), by seq.
+    states: dict[int, tuple[int, bool, float | None]] | None = None
+    end: int = field(init=False)  # the seq after the last
+    gone: bytearray = field(init=False)
+    live: int = field(init=False)  # records still held here
+
+    def __post_init__(self) -> None:
+        self.live = len(self.bodies) // 2
+        self.end = self.first + self.live
+        self.gone = bytearray(self.live)
+
+    @property
+    def owner(self) -> str:
+        return self.prefix.partition(".")[0]
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+    def drop(self, start: int, end: int) -> int:
+        """Let go of the seqs in ``[start, end)``; how many were held."""
+        first = self.first
+        low, high = max(start, first) - first, min(end, self.end) - first
+        if low >= high:
+            return 0
+        gone = self.gone
+        if high - low == 1:
+            if gone[low]:
+                return 0
+            gone[low] = 1
+            dropped = 1
+        else:
+            dropped = gone.count(0, low, high)
+            gone[low:high] = b"\x01" * (high - low)
+        self.live -= dropped
+        states = self.states
+        if states and dropped:
+            for seq in (range(first + low, first + high) if high - low < len(states)
+                        else list(states)):
+                if low <= seq - first < high:
+                    states.pop(seq, None)
+        return dropped
+
+    def set_state(self, seq: int, deliveries: int, held: bool, due: float | None) -> None:
+        if self.states is None:
+            self.states = {}
+        self.states[seq] = (deliveries, held, due)
+
+    def record(self, seq: int) -> Record:
+        """The record of ``seq`` (one the run holds), parsed."""
+        index = 2 * (seq - self.first)
+        body = self.data[self.bodies[index]:self.bodies[index + 1]]
+        record = Record(self.prefix + to_base36(seq), body, self.content_type)
+        if self.states is not None and seq in self.states:
+            record.deliveries, record.held, record.due = self.states[seq]
+        return record
+
+    def live_seqs(self) -> list[int]:
+        first = self.first
+        return [first + index for index, gone in enumerate(self.gone) if not gone]
+
+    def records(self) -> list[Record]:
+        return [self.record(seq) for seq in self.live_seqs()]
+
+
+class OwnerRuns:
+    """One owner's runs: disjoint, sorted by epoch and first seq."""
+
+    __slots__ = ("_keys", "_runs", "_last")
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[int, int]] = []  # (epoch, first) of each run
+        self._runs: list[Run] = []
+        self._last: Run | None = None  # the run found last: acks come in order
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(list(self._runs))
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def find(self, epoch: int, seq: int) -> Run | None:
+        """The run whose seqs span ``seq`` of ``epoch`` (held or not)."""
+        run = self._last
+        if run is not None and run.epoch == epoch and run.first <= seq < run.end:
+            return run
+        at = bisect.bisect_right(self._keys, (epoch, seq)) - 1
+        if at >= 0:
+            run = self._runs[at]
+            if run.epoch == epoch and seq < run.end:
+                self._last = run
+                return run
+        return None
+
+    def add(self, run: Run) -> bool:
+        """Keep ``run``, unless its seqs overlap a run's (False)."""
+        key = (run.epoch, run.first)
+        at = bisect.bisect_left(self._keys, key)
+        runs = self._runs
+        if ((at > 0 and runs[at - 1].epoch == run.epoch and runs[at - 1].end > run.first)
+                or (at < len(runs) and runs[at].epoch == run.epoch
+                    and runs[at].first < run.end)):
+            return False
+        self._keys.insert(at, key)
+        runs.insert(at, run)
+        return True
+
+    def remove(self, run: Run) -> None:
+        at = self._runs.index(run)
+        del self._keys[at], self._runs[at]
+        if self._last is run:
+            self._last = None
+
+
 class ReplicaStore:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, Record]] = {}
+        self._runs: dict[str, OwnerRuns] = {}  # none is empty
         self.tombstones = Tombstones()
         self.epochs: dict[str, int] = {}
 
     # -- reading -------------------------------------------------------------
 
     def held(self, owner: str) -> int:
-        return len(self._records.get(owner, ()))
+        return (len(self._records.get(owner, ()))
+                + sum(run.live for run in self._runs.get(owner, ())))
 
     def owners(self) -> list[str]:
-        return sorted(self._records)
+        return sorted({*self._records, *self._runs})
 
     def records(self, owner: str | None = None) -> Iterator[Record]:
-        if owner is not None:
-            return iter(list(self._records.get(owner, {}).values()))
-        return iter([r for by_id in self._records.values() for r in by_id.values()])
+        """The records held (of ``owner``, or of all); those of runs are
+        parsed for the call."""
+        owners = [owner] if owner is not None else list({*self._records, *self._runs})
+        found: list[Record] = []
+        for name in owners:
+            found += self._records.get(name, {}).values()
+            for run in self._runs.get(name, ()):
+                found += run.records()
+        return iter(found)
 
     def get(self, message_id: str) -> Record | None:
-        """The record held under ``message_id`` (None for any other text)."""
-        by_id = self._records.get(message_id.partition(".")[0])
-        return None if by_id is None else by_id.get(message_id)
+        """The record held under ``message_id`` (None for any other text).
+        A record of a run is taken out of it to be a Record of its own, so
+        what the caller changes in it stays."""
+        owner = message_id.partition(".")[0]
+        by_id = self._records.get(owner)
+        record = None if by_id is None else by_id.get(message_id)
+        if record is None and owner in self._runs:
+            run, seq = self._run_holding(message_id)
+            if run is not None:
+                record = run.record(seq)
+                self._run_dropped(run, [(seq, seq + 1)])
+                self._records.setdefault(owner, {})[message_id] = record
+        return record
+
+    def set_state(self, message_id: str, deliveries: int, held: bool,
+                  due: float | None) -> bool:
+        """What the owner says of a copy held here now; False if none is."""
+        owner = message_id.partition(".")[0]
+        by_id = self._records.get(owner)
+        record = None if by_id is None else by_id.get(message_id)
+        if record is not None:
+            record.deliveries, record.held, record.due = deliveries, held, due
+            return True
+        if owner in self._runs:
+            run, seq = self._run_holding(message_id)
+            if run is not None:
+                run.set_state(seq, deliveries, held, due)
+                return True
+        return False
+
+    def holds(self, message_id: str) -> bool:
+        """Whether a copy of ``message_id`` is held here (makes no Record)."""
+        owner = message_id.partition(".")[0]
+        by_id = self._records.get(owner)
+        if by_id is not None and message_id in by_id:
+            return True
+        return owner in self._runs and self._run_holding(message_id)[0] is not None
+
+    def footprint(self) -> tuple[int, int]:
+        """How many records are held, and their bodies' bytes (a run's
+        share estimated from its live records)."""
+        count = body_bytes = 0
+        for by_id in self._records.values():
+            count += len(by_id)
+            body_bytes += sum(len(record.body) for record in by_id.values())
+        for runs in self._runs.values():
+            for run in runs:
+                count += run.live
+                bodies = run.bodies
+                body_bytes += (sum(bodies[1::2]) - sum(bodies[::2])) * run.live // len(run)
+        return count, body_bytes
 
     def is_tombstoned(self, message_id: str) -> bool:
         return parse_id(message_id) in self.tombstones
 
     def live_ids(self) -> set[str]:
-        return {i for by_id in self._records.values() for i in by_id}
+        ids = {i for by_id in self._records.values() for i in by_id}
+        for runs in self._runs.values():
+            for run in runs:
+                ids.update(run.prefix + to_base36(seq) for seq in run.live_seqs())
+        return ids
 
     # -- merging -------------------------------------------------------------
 
@@ -128,6 +329,8 @@ class ReplicaStore:
         self.note_epoch(mid.node, mid.epoch)
         if mid in self.tombstones:
             return False
+        if mid.node in self._runs and self._run_holding(record.id)[0] is not None:
+            return False
         by_id = self._records.setdefault(mid.node, {})
         if record.id in by_id:
             return False
@@ -138,26 +341,59 @@ class ReplicaStore:
     def add_many(self, records: Iterable[Record]) -> list[Record]:
         return [r for r in records if self.add(r)]
 
-    def tombstone(self, message_id: str) -> Record | None:
-        """Mark ``message_id`` gone; the record it drops, if held."""
+    def add_run(self, run: Run) -> int:
+        """Hold the records of ``run`` that are neither held nor
+        tombstoned; how many that is."""
+        owner = run.owner
+        self.note_epoch(owner, run.epoch)
+        gone = self.tombstones.of(owner, run.epoch)
+        if gone is not None:
+            for start, end in gone.ranges_within(run.first, run.end):
+                run.drop(start, end)
+        by_id = self._records.get(owner)
+        if by_id:
+            within = RangeSet([(run.first, run.end)])
+            for message_id in matching_ids(by_id, owner, run.epoch, within):
+                seq = parse_id(message_id).seq
+                run.drop(seq, seq + 1)
+        if not run.live:
+            return 0
+        if not self._runs.setdefault(owner, OwnerRuns()).add(run):
+            # A replay: its records one by one (runs stay disjoint).
+            return len(self.add_many(run.records()))
+        return run.live
+
+    def tombstone(self, message_id: str) -> str | None:
+        """Mark ``message_id`` gone; the idempotency key of the record it
+        drops, if it has one."""
         mid = parse_id(message_id)
         self.tombstones.add(mid.node, mid.epoch, mid.seq)
-        return self._drop(mid.node, message_id)
+        record = self._drop(mid.node, message_id)
+        if record is None and mid.node in self._runs:
+            run, seq = self._run_holding(message_id)
+            if run is not None:  # a run's records have no key
+                self._run_dropped(run, [(seq, seq + 1)])
+        return None if record is None else record.key
 
-    def merge_tombstones(self, other: Tombstones) -> list[Record]:
-        """Union ``other`` in; the records it drops.
+    def merge_tombstones(self, other: Tombstones) -> list[str]:
+        """Union ``other`` in; the idempotency keys of the records it drops.
 
         Costs the smaller of the tombstoned seqs and the records held, per
-        owner and epoch, so a big sync and a single ack are both cheap.
+        owner and epoch, and a few range operations per run, so a big sync
+        and a single ack are both cheap.
         """
         self.tombstones.merge(other)
-        dropped = []
+        keys = []
         for (owner, epoch), ranges in other.items():
+            # Runs first: one unpacked here leaves Records for the next step.
+            for run in self._runs.get(owner, ()):  # runs have no keys
+                if run.epoch == epoch:
+                    self._run_dropped(run, ranges.ranges_within(run.first, run.end))
             for message_id in matching_ids(self._records.get(owner, {}), owner, epoch, ranges):
                 record = self._drop(owner, message_id)
-                if record is not None:
-                    dropped.append(record)
-        return dropped
+                if record is not None and record.key is not None:
+                    keys.append(record.key)
+        return keys
 
     def merge(self, other: "ReplicaStore") -> None:
         """Union of two stores (what anti-entropy converges to)."""
@@ -175,7 +411,41 @@ class ReplicaStore:
 
     def take_owner(self, owner: str) -> list[Record]:
         """Remove and return every record of ``owner`` (it is ours now)."""
-        return list(self._records.pop(owner, {}).values())
+        taken = list(self._records.pop(owner, {}).values())
+        for run in self._runs.pop(owner, ()):
+            taken += run.records()
+        return taken
+
+    def _run_holding(self, message_id: str) -> tuple[Run | None, int]:
+        """The run that holds ``message_id``, and its seq."""
+        try:
+            owner, epoch, seq = parse_id(message_id)
+        except ValueError:
+            return None, 0
+        runs = self._runs.get(owner)
+        run = None if runs is None else runs.find(epoch, seq)
+        if run is not None and not run.gone[seq - run.first]:
+            return run, seq
+        return None, 0
+
+    def _run_dropped(self, run: Run, ranges: list[tuple[int, int]]) -> None:
+        """Let ``run`` go of the seqs in ``ranges``; an empty run is
+        forgotten, a sparse one unpacked (its live records become Records)."""
+        dropped = 0
+        for start, end in ranges:
+            dropped += run.drop(start, end)
+        if not dropped or (run.live and (run.end - run.first < RUN_UNPACK_LENGTH
+                                         or run.live * 4 >= run.end - run.first)):
+            return
+        owner = run.owner
+        runs = self._runs[owner]
+        runs.remove(run)
+        if not runs:
+            del self._runs[owner]
+        if run.live:
+            by_id = self._records.setdefault(owner, {})
+            for record in run.records():
+                by_id[record.id] = record
 
     def _drop(self, owner: str, message_id: str) -> Record | None:
         by_id = self._records.get(owner)

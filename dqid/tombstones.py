@@ -43,6 +43,14 @@ class RangeSet:
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self._starts, self._ends))
 
+    def ranges_within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The set's ranges cut to ``[start, end)`` (those that overlap it)."""
+        starts, ends = self._starts, self._ends
+        low = bisect.bisect_right(ends, start)
+        high = bisect.bisect_left(starts, end)
+        return [(max(s, start), min(e, end))
+                for s, e in zip(starts[low:high], ends[low:high])]
+
     def range_count(self) -> int:
         return len(self._starts)
 
@@ -94,6 +102,10 @@ class Tombstones:
             return False
         ranges.add(seq)
         return True
+
+    def of(self, owner: str, epoch: int) -> RangeSet | None:
+        """The seqs gone from ``owner``'s ``epoch`` (None: none known)."""
+        return self._sets.get((owner, epoch))
 
     def add_range(self, owner: str, epoch: int, start: int, end: int) -> None:
         self._sets.setdefault((owner, epoch), RangeSet()).add_range(start, end)

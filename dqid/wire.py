@@ -16,18 +16,21 @@ from __future__ import annotations
 import json
 import re
 import struct
+from array import array
 from math import copysign
 from sys import intern
 from typing import Any, Iterable, Mapping
 
-from .ids import MessageId, is_valid_node_id, parse_id
-from .replica import MessageLike, Record
+from .ids import MessageId, is_valid_node_id, parse_id, to_base36
+from .replica import MessageLike, Record, Run
 from .tombstones import Tombstones
 
 # id, content-type and key lengths (0xFFFF: none), deliveries, body length,
 # flags (bit 0: held), due time (wall clock seconds; 0: not delayed).
 _HEADER = struct.Struct(">HHHIIBd")
 _HELD = 1
+# The same header with the due time's bits as an int: 0 is +0.0 exactly.
+_FRESH_HEADER = struct.Struct(">HHHIIBQ")
 # A state update: id length, deliveries, flags, due.
 _STATE = struct.Struct(">HIBd")
 _NONE = 0xFFFF
@@ -139,6 +142,81 @@ def decode_records(data: bytes) -> list[Record]:
             f"record at byte {start}: not a dqid message id: {_quoted(message_id)}"
         ) from None
     return records
+
+
+# Fewer records than this are not worth a Run (see dqid.replica).
+RUN_MIN_RECORDS = 16
+_MAX_RUN_BYTES = 2**32 - 1  # the offsets of a run are 32-bit
+
+
+def scan_run(data: bytes, min_records: int = RUN_MIN_RECORDS) -> Run | None:
+    """The records of ``data`` as a :class:`Run`, if they are one, else None.
+
+    A run is at least ``min_records`` records of one owner and epoch with
+    consecutive seqs, all fresh (no deliveries, not held, not delayed), none
+    with an idempotency key, all of one content type.  Every record is
+    checked as :func:`decode_records` would check it (each id must be the
+    next one, spelt as dqid spells it), but only the bodies' places are
+    kept.  None says nothing about validity: :func:`decode_records` decides
+    that.  Never raises.
+    """
+    if type(data) is not bytes:
+        data = bytes(memoryview(data))
+    end = len(data)
+    size = _HEADER.size
+    if end < size or end > _MAX_RUN_BYTES:
+        return None
+    id_len, ct_len = _FRESH_HEADER.unpack_from(data, 0)[:2]
+    if id_len == _NONE or end < min_records * (size + id_len):
+        return None
+    try:
+        first = parse_id(data[size:size + id_len].decode("ascii"))
+        content_type = ct = None
+        if ct_len != _NONE:
+            ct = data[size + id_len:size + id_len + ct_len]
+            content_type = intern(ct.decode("utf-8"))
+        prefix = f"{first.node}.{to_base36(first.epoch)}.".encode("ascii")
+        seq = first.seq
+        digits = len(to_base36(seq))
+        wanted_id_len = len(prefix) + digits
+        next_digit = 36**digits  # the first seq spelt with one digit more
+        id_start = size + len(prefix)
+        bodies = array("I")
+        add = bodies.append
+        unpack, startswith = _FRESH_HEADER.unpack_from, data.startswith
+        offset = 0
+        while offset < end:
+            if offset + size > end:
+                return None
+            id_len, this_ct_len, key_len, deliveries, body_len, flags, due = unpack(
+                data, offset)
+            if (id_len != wanted_id_len or seq > MAX_SEQ or this_ct_len != ct_len
+                    or key_len != _NONE or deliveries or flags or due
+                    or not startswith(prefix, offset + size)):
+                return None
+            # The seq: its value, and (its length being the canonical one)
+            # its spelling but for case, which the second test settles.
+            seq_text = data[offset + id_start:offset + size + id_len]
+            if int(seq_text, 36) != seq or seq_text.lower() != seq_text:
+                return None
+            body_start = offset + size + id_len
+            if ct is not None:
+                if not startswith(ct, body_start):
+                    return None
+                body_start += ct_len
+            offset = body_start + body_len
+            if offset > end:
+                return None
+            add(body_start)
+            add(offset)
+            seq += 1
+            if seq == next_digit:
+                next_digit, wanted_id_len = next_digit * 36, wanted_id_len + 1
+    except ValueError:  # not an id, not base 36, not UTF-8
+        return None
+    if len(bodies) < 2 * min_records:
+        return None
+    return Run(prefix.decode("ascii"), first.epoch, first.seq, data, bodies, content_type)
 
 
 # -- state updates --------------------------------------------------------------

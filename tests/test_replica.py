@@ -13,12 +13,19 @@ from hypothesis import strategies as st
 from dqid.ids import format_id, parse_id
 from dqid.replica import Record, ReplicaStore
 from dqid.tombstones import Tombstones
+from dqid.wire import encode_records, scan_run
 
 OWNERS = ["a", "b", "node-c"]
+RUN_EPOCH = 3  # the ids of this epoch are fresh pushes: they may come as runs
 keys = st.tuples(
     st.sampled_from(OWNERS),
-    st.integers(min_value=0, max_value=2),
+    st.integers(min_value=0, max_value=RUN_EPOCH),
     st.integers(min_value=0, max_value=40),
+)
+runs = st.tuples(
+    st.sampled_from(OWNERS),
+    st.integers(min_value=0, max_value=40),  # the first seq
+    st.integers(min_value=1, max_value=30),  # how many
 )
 
 
@@ -29,6 +36,8 @@ def mid(key) -> str:
 def record(key) -> Record:
     """The one record an id names (ids are never minted twice)."""
     owner, epoch, seq = key
+    if epoch == RUN_EPOCH:  # fresh: no key, no deliveries, one content type
+        return Record(mid(key), f"{owner}/{seq}".encode() * (seq % 3), "text/plain")
     return Record(
         mid(key),
         f"{owner}/{epoch}/{seq}".encode() * (seq % 3),
@@ -38,6 +47,18 @@ def record(key) -> Record:
     )
 
 
+def run_keys(arg) -> list[tuple[str, int, int]]:
+    owner, first, count = arg
+    return [(owner, RUN_EPOCH, seq) for seq in range(first, first + count)]
+
+
+def run_of(arg):
+    """The records of ``arg`` as the Run a replica keeps of a Stream box."""
+    run = scan_run(encode_records([record(k) for k in run_keys(arg)]), min_records=1)
+    assert run is not None
+    return run
+
+
 def tombstones_of(key_list) -> Tombstones:
     tombstones = Tombstones()
     for owner, epoch, seq in key_list:
@@ -45,16 +66,19 @@ def tombstones_of(key_list) -> Tombstones:
     return tombstones
 
 
-ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("add"), keys),
-        st.tuples(st.just("tombstone"), keys),
-        st.tuples(st.just("merge_tombstones"), st.lists(keys, max_size=6)),
-        st.tuples(st.just("note_epoch"), st.tuples(st.sampled_from(OWNERS),
-                                                   st.integers(0, 5))),
-    ),
-    max_size=30,
+op = st.one_of(
+    st.tuples(st.just("add"), keys),
+    st.tuples(st.just("add_run"), runs),
+    st.tuples(st.just("get"), keys),
+    st.tuples(st.just("tombstone"), keys),
+    st.tuples(st.just("merge_tombstones"), st.lists(keys, max_size=6)),
+    st.tuples(st.just("note_epoch"), st.tuples(st.sampled_from(OWNERS), st.integers(0, 5))),
 )
+ops = st.lists(op, max_size=30)
+# What owners say of copies: not part of the merge properties below (a merge
+# keeps the copy it held first), only of the single store's.
+set_state = st.tuples(st.just("set_state"), st.tuples(keys, st.integers(0, 9), st.booleans()))
+ops_with_states = st.lists(st.one_of(op, set_state), max_size=30)
 
 
 class Model:
@@ -64,6 +88,7 @@ class Model:
         self.added: set[str] = set()
         self.gone: set[str] = set()
         self.epochs: dict[str, int] = {}
+        self.states: dict[str, tuple[int, bool]] = {}  # what set_state said last
 
     @property
     def live(self) -> set[str]:
@@ -84,20 +109,39 @@ def apply(store: ReplicaStore, model: Model, op) -> None:
         # the store knows does not depend on which of the two came first.
         model.note(arg[0], arg[1])
         model.added.add(mid(arg))
+    elif kind == "add_run":
+        ids = {mid(k) for k in run_keys(arg)}
+        new = ids - model.live - model.gone
+        assert store.add_run(run_of(arg)) == len(new)
+        model.note(arg[0], RUN_EPOCH)
+        model.added |= ids
+    elif kind == "get":
+        got = store.get(mid(arg))
+        if mid(arg) in model.live:
+            assert got is not None and (got.id, got.body, got.content_type, got.key) == (
+                mid(arg), record(arg).body, record(arg).content_type, record(arg).key)
+        else:
+            assert got is None
+    elif kind == "set_state":
+        key, deliveries, held = arg
+        assert store.set_state(mid(key), deliveries, held, None) == (mid(key) in model.live)
+        if mid(key) in model.live:
+            model.states[mid(key)] = (deliveries, held)
     elif kind == "tombstone":
         live_before = model.live
-        dropped = store.tombstone(mid(arg))
-        if mid(arg) in live_before:
-            assert dropped is not None and dropped.id == mid(arg)
-        else:
-            assert dropped is None
+        released = store.tombstone(mid(arg))
+        # The key of the record it drops is released.
+        assert released == (record(arg).key if mid(arg) in live_before else None)
+        assert not store.holds(mid(arg))
         model.gone.add(mid(arg))
     elif kind == "merge_tombstones":
         live_before = model.live
-        dropped = store.merge_tombstones(tombstones_of(arg))
-        new_gone = {mid(k) for k in arg}
-        assert sorted(r.id for r in dropped) == sorted(live_before & new_gone)
-        model.gone |= new_gone
+        released = store.merge_tombstones(tombstones_of(arg))
+        # The keys of the records it drops are released, and no others.
+        assert sorted(released) == sorted(
+            record(k).key for k in set(arg)
+            if mid(k) in live_before and record(k).key is not None)
+        model.gone |= {mid(k) for k in arg}
     else:
         owner, epoch = arg
         assert store.note_epoch(owner, epoch) == max(epoch, model.epochs.get(owner, 0))
@@ -113,10 +157,18 @@ def check(store: ReplicaStore, model: Model) -> None:
     assert live == model.live
     for message_id in model.gone:
         assert store.is_tombstoned(message_id)
+        assert not store.holds(message_id)
         assert store.get(message_id) is None
     for message_id in live:
-        got = store.get(message_id)
-        assert got is not None and got.id == message_id
+        assert store.holds(message_id)
+    for got in store.records():
+        key = parse_id(got.id)
+        assert (got.body, got.content_type, got.key) == (
+            record(key).body, record(key).content_type, record(key).key)
+        assert (got.deliveries, got.held) == model.states.get(
+            got.id, (record(key).deliveries, False))
+    count, body_bytes = store.footprint()
+    assert count == len(live)
     assert store.epochs == model.epochs
     for owner in OWNERS:
         assert store.held(owner) == sum(1 for i in live if parse_id(i).node == owner)
@@ -150,8 +202,8 @@ def state(store: ReplicaStore):
     )
 
 
-@settings(max_examples=200, deadline=None)
-@given(ops)
+@settings(max_examples=300, deadline=None)
+@given(ops_with_states)
 def test_random_interleaving_tombstone_always_wins(op_list):
     store, model = ReplicaStore(), Model()
     for op in op_list:
@@ -271,8 +323,8 @@ def test_tombstone_before_record_blocks_it():
     assert store.held("b") == 10
     other = Tombstones()
     other.add_range("b", 2, 3, 8)
-    dropped = store.merge_tombstones(other)
-    assert sorted(r.id for r in dropped) == sorted(format_id("b", 2, s) for s in range(3, 8))
+    assert store.merge_tombstones(other) == ["k5"]  # the only key among 3..7
+    assert store.live_ids() == {format_id("b", 2, s) for s in (0, 1, 2, 8, 9)}
     assert store.held("b") == 5
     assert store.add_many([record(("b", 2, s)) for s in range(10)]) == []
     assert store.held("b") == 5
@@ -290,3 +342,86 @@ def test_get_finds_a_held_record_by_its_id_and_nothing_by_any_other_text(op_list
                                                         for i in held)]:
         got = store.get(candidate)
         assert (got.id if got is not None else None) == (candidate if candidate in held else None)
+
+
+# -- runs ------------------------------------------------------------------------
+
+
+def test_a_run_holds_its_records_as_the_bytes_they_came_in():
+    store = ReplicaStore()
+    run = run_of(("a", 1, 100))
+    assert store.add_run(run) == 100
+    assert store.held("a") == 100 and store.owners() == ["a"]
+    assert store.epochs == {"a": RUN_EPOCH}
+    assert store.holds(format_id("a", RUN_EPOCH, 50))
+    assert not store.holds(format_id("a", RUN_EPOCH, 101))
+    assert not store.holds(format_id("a", RUN_EPOCH - 1, 50))
+    assert not store.holds("a.not-an-id")
+    assert store.get("a.not-an-id") is None
+    # No Record is made until one is read; reading takes it out of the run.
+    assert store._records == {}
+    got = store.get(format_id("a", RUN_EPOCH, 50))
+    assert (got.body, got.content_type, got.key, got.deliveries) == (
+        record(("a", RUN_EPOCH, 50)).body, "text/plain", None, 0)
+    got.deliveries = 2
+    assert store.get(format_id("a", RUN_EPOCH, 50)).deliveries == 2
+    assert store.held("a") == 100
+    # What the owner says of a copy in the run stays with it, unparsed.
+    assert store.set_state(format_id("a", RUN_EPOCH, 60), 3, True, None)
+    assert not store.set_state(format_id("a", RUN_EPOCH, 101), 3, True, None)
+    [copy] = [r for r in store.records("a") if r.id == format_id("a", RUN_EPOCH, 60)]
+    assert (copy.deliveries, copy.held) == (3, True)
+    assert list(store._records["a"]) == [format_id("a", RUN_EPOCH, 50)]
+
+
+def test_a_replayed_run_adds_nothing_and_a_later_one_only_what_is_new():
+    store = ReplicaStore()
+    assert store.add_run(run_of(("a", 1, 40))) == 40
+    assert store.add_run(run_of(("a", 1, 40))) == 0
+    assert store.add_run(run_of(("a", 31, 20))) == 10  # 31..40 held already
+    assert store.held("a") == 50
+    assert store.live_ids() == {format_id("a", RUN_EPOCH, s) for s in range(1, 51)}
+
+
+def test_a_run_never_brings_back_a_tombstoned_record():
+    store = ReplicaStore()
+    gone = Tombstones()
+    gone.add_range("a", RUN_EPOCH, 5, 15)
+    store.merge_tombstones(gone)
+    assert store.add_run(run_of(("a", 1, 20))) == 10
+    assert not store.holds(format_id("a", RUN_EPOCH, 5))
+    assert store.held("a") == 10
+
+
+def test_acks_empty_a_run_and_a_sparse_run_is_unpacked():
+    store = ReplicaStore()
+    store.add_run(run_of(("a", 0, 200)))
+    store.add_run(run_of(("b", 0, 30)))
+    acked = Tombstones()
+    acked.add_range("a", RUN_EPOCH, 0, 160)  # 40 of 200 left: 1 in 5
+    assert store.merge_tombstones(acked) == []
+    assert store.held("a") == 40
+    assert "a" not in store._runs  # unpacked: its bytes are freed
+    assert sorted(store._records["a"]) == sorted(
+        format_id("a", RUN_EPOCH, s) for s in range(160, 200))
+    # A short run is kept until it is empty, and then forgotten.
+    for seq in range(30):
+        assert store.holds(format_id("b", RUN_EPOCH, seq))
+        assert store.tombstone(format_id("b", RUN_EPOCH, seq)) is None  # no key
+        assert not store.holds(format_id("b", RUN_EPOCH, seq))
+        assert store.held("b") == 29 - seq
+    assert store.owners() == ["a"] and "b" not in store._runs
+
+
+def test_take_owner_and_records_parse_a_run():
+    store = ReplicaStore()
+    store.add_run(run_of(("a", 1, 20)))
+    store.tombstone(format_id("a", RUN_EPOCH, 3))
+    assert sorted(r.id for r in store.records("a")) == sorted(
+        format_id("a", RUN_EPOCH, s) for s in range(1, 21) if s != 3)
+    assert store.held("a") == 19  # reading them left them in the run
+    taken = store.take_owner("a")
+    assert sorted(r.id for r in taken) == sorted(
+        format_id("a", RUN_EPOCH, s) for s in range(1, 21) if s != 3)
+    assert store.held("a") == 0 and store.owners() == []
+    assert store.add_run(run_of(("a", 1, 20))) == 19  # not tombstoned: held again

@@ -41,6 +41,7 @@ from dqid.wire import (
     encode_records,
     encode_tombstones,
     join_chunks,
+    scan_run,
 )
 
 from .mutations import mutated
@@ -125,6 +126,98 @@ def test_records_still_round_trip(batch):
     assert [fields(r) for r in decode_records(data)] == [fields(r) for r in batch]
     assert [fields(r) for r in decode_records(bytearray(data))] == [fields(r) for r in batch]
     assert all(type(r.body) is bytes for r in decode_records(memoryview(data)))
+
+
+# -- runs: what a replica keeps as bytes --------------------------------------
+
+# Seqs where the base-36 spelling gets a digit longer, and the very last ones.
+run_starts = st.one_of(st.integers(0, 50), st.sampled_from([30, 1290, 36**3 - 3]),
+                       st.integers(MAX_SEQ - 40, MAX_SEQ))
+run_texts = st.sampled_from([None, "", "text/plain", "t\u00e9xt"])
+
+
+@st.composite
+def fresh_runs(draw) -> list[Record]:
+    """Fresh pushes of one owner and epoch with consecutive seqs."""
+    owner, epoch, first = draw(node_ids), draw(numbers), draw(run_starts)
+    content_type = draw(run_texts)
+    bodies = draw(st.lists(st.binary(max_size=40), min_size=1, max_size=40))
+    return [Record(format_id(owner, epoch, first + i), body, content_type)
+            for i, body in enumerate(bodies)]
+
+
+def scan_agrees_with_decode(data: bytes) -> None:
+    """A run is only ever found in a valid encoding, and holds exactly the
+    records :func:`decode_records` reads from it, all of them fresh."""
+    run = scan_run(data, min_records=1)
+    if run is None:
+        return
+    decoded = decode_records(data)  # raises if the run was not valid
+    assert [fields(r) for r in run.records()] == [fields(r) for r in decoded]
+    assert all(r.key is None and not r.deliveries and not r.held and r.due is None
+               for r in decoded)
+    assert run.owner == decoded[0].mid.node and run.epoch == decoded[0].mid.epoch
+    assert (run.first, run.end) == (decoded[0].mid.seq, decoded[-1].mid.seq + 1)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_scan_to_no_run_or_an_exact_one(data):
+    scan_agrees_with_decode(data)
+
+
+@FUZZ
+@given(mutations_of(fresh_runs(), encode_records))
+def test_mutated_runs_scan_to_no_run_or_an_exact_one(data):
+    scan_agrees_with_decode(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fresh_runs())
+def test_fresh_consecutive_pushes_are_a_run(batch):
+    data = encode_records(batch)
+    run = scan_run(data, min_records=1)
+    if parse_id_or_none(batch[-1].id) is None:  # past the largest seq
+        assert run is None
+        return
+    assert run is not None
+    assert [fields(r) for r in run.records()] == [fields(r) for r in batch]
+    assert scan_run(bytearray(data), min_records=1) is not None
+    assert (scan_run(data, min_records=len(batch)) is not None
+            and scan_run(data, min_records=len(batch) + 1) is None)
+
+
+def parse_id_or_none(text: str):
+    try:
+        return parse_id(text)
+    except ValueError:
+        return None
+
+
+def test_a_run_is_only_fresh_consecutive_keyless_records_of_one_content_type():
+    def batch(**change):
+        records = [Record(format_id("a", 7, seq), b"body", "text/plain")
+                   for seq in range(34, 54)]  # across "y", "z", "10", "11" ...
+        at = change.pop("at", 5)
+        for name, value in change.items():
+            setattr(records[at], name, value)
+        return records
+
+    assert scan_run(encode_records(batch())) is not None
+    for change in [dict(key="k"), dict(deliveries=1), dict(held=True), dict(due=1.0),
+                   dict(content_type="text/csv"), dict(content_type=None),
+                   dict(id=format_id("a", 7, 99)), dict(id=format_id("a", 8, 39)),
+                   dict(id=format_id("b", 7, 39)), dict(id="a.7.13", at=3)]:
+        data = encode_records(batch(**change))
+        assert scan_run(data) is None, change
+    # The right seq in upper case is not dqid's spelling: no run, and no record.
+    upper = encode_records(batch()).replace(b"a.7.z", b"a.7.Z")
+    assert scan_run(upper) is None
+    with pytest.raises(WireError):
+        decode_records(upper)
+    # Fewer than RUN_MIN_RECORDS records are not worth a run.
+    assert scan_run(encode_records(batch()[:15])) is None
+    assert scan_run(encode_records(batch()[:16])) is not None
 
 
 @pytest.mark.parametrize("bad, expected", [
