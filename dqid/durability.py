@@ -62,6 +62,7 @@ class Durability:
         self.failed = failed  # the disk failed: the node must stop answering
         self._own: list[MessageLike] = []
         self._replicas: list[MessageLike] = []
+        self._replica_bytes: list[bytes] = []
         self._tombstones: Tombstones | None = None
         self._states: dict[str, MessageLike] = {}
         self._epochs: Epochs | None = None
@@ -80,6 +81,12 @@ class Durability:
     def replicas(self, records: Iterable[MessageLike]) -> Deferred:
         """Copies of peers' messages now held here."""
         self._replicas.extend(records)
+        return self._turn()
+
+    def replica_run(self, data: bytes) -> Deferred:
+        """Copies of peers' messages held here as a run: its bytes as they
+        arrived (a replay skips what is tombstoned or held by then)."""
+        self._replica_bytes.append(data)
         return self._turn()
 
     def tombstone(self, mid: MessageId) -> Deferred:
@@ -125,14 +132,15 @@ class Durability:
             entries.append(epochs_entry(self._epochs))
         if self._own:
             entries.append(own_records(self._own))
-        if self._replicas:
-            entries.append(replica_records(self._replicas))
+        if self._replicas or self._replica_bytes:
+            entries.append(replica_records(self._replicas, self._replica_bytes))
         if self._tombstones is not None:
             entries.append(tombstones_entry(self._tombstones))
         if self._states:
             entries.append(states_entry(state_of(m) for m in self._states.values()))
         waiters = self._waiters
         self._own, self._replicas, self._states, self._waiters = [], [], {}, []
+        self._replica_bytes = []
         self._tombstones = self._epochs = None
         written = self.disk.write(entries)
         written.addCallbacks(self._written, self._write_failed,
@@ -234,9 +242,11 @@ def open_data_dir(path: str, node: Restorable, holdings: Any | None,
 
     def live_bytes() -> int:
         held = [*node.queue.messages()]
+        copies = copy_bytes = 0
         if holdings is not None:
-            held += [*holdings.recovered.values(), *holdings.store.records()]
-        return sum(64 + len(m.body) for m in held)
+            held += holdings.recovered.values()
+            copies, copy_bytes = holdings.store.footprint()
+        return sum(64 + len(m.body) for m in held) + 64 * copies + copy_bytes
 
     def failed(why: str) -> None:
         node.readiness.set(Phase.FAILED, why)

@@ -19,7 +19,7 @@ from .idempotency import body_digest
 from .ids import MessageId, parse_id
 from .queue import PENDING, Message
 from .readiness import Readiness
-from .replica import Record, ReplicaStore, matching_ids
+from .replica import Record, ReplicaStore, Run, matching_ids
 from .tombstones import Tombstones
 
 
@@ -47,6 +47,8 @@ class HoldingsJournal(Protocol):
     """What Holdings keeps on disk with ``--data-dir`` (its Durability)."""
 
     def replicas(self, records: Iterable[Record]) -> Deferred: ...
+
+    def replica_run(self, data: bytes) -> Deferred: ...
 
     def tombstone(self, mid: MessageId) -> Deferred: ...
 
@@ -138,12 +140,9 @@ class Holdings:
                     if record.key is not None:
                         node.idempotency.remember(record.key, body_digest(record.body),
                                                   record.id)
-                elif mid.node == source:
-                    held = store.get(record.id)
-                    if held is not None:
-                        held.deliveries, held.held, held.due = (
-                            record.deliveries, record.held, record.due)
-                        changed.append(held)
+                elif mid.node == source and store.set_state(
+                        record.id, record.deliveries, record.held, record.due):
+                    changed.append(record)
                 continue
             if store.is_tombstoned(record.id):
                 continue
@@ -163,6 +162,19 @@ class Holdings:
                 self.journal.states(changed)
         return len(new), written
 
+    def merge_run(self, run: Run) -> tuple[int, Deferred | None]:
+        """Hold a peer's :class:`Run` (its records are fresh and have no
+        idempotency key); how many records were new, and a Deferred that
+        fires once they are on disk (None without ``--data-dir`` or nothing
+        new)."""
+        if run.owner == self.me:  # never streamed to us; the usual rules
+            return self.merge_replicated(run.records())
+        added = self.store.add_run(run)
+        written = None
+        if added and self.journal is not None:
+            written = self.journal.replica_run(run.data)
+        return added, written
+
     def merge_states(self, states: Iterable[tuple[MessageId, str, int, bool, float | None]],
                      source: str) -> None:
         """Deliveries, held states and due times that ``source``, the
@@ -171,11 +183,10 @@ class Holdings:
         for mid, message_id, deliveries, held, due in states:
             if mid.node != source:
                 continue  # only an owner speaks for its messages
-            record = self.store.get(message_id)
-            if record is not None:
-                record.deliveries, record.held, record.due = deliveries, held, due
-                if self.journal is not None:
-                    self.journal.states([record])
+            if (self.store.set_state(message_id, deliveries, held, due)
+                    and self.journal is not None):
+                self.journal.states([Record(message_id, b"", None, None, deliveries, None,
+                                            held, due)])
 
     def snapshot(self) -> list[Record | Message]:
         """Every record held, own accepted messages first (for a sync)."""
@@ -193,7 +204,9 @@ class Holdings:
     def tombstone(self, message_id: str) -> Deferred | None:
         """Write one tombstone here (an ack, a withdrawn push); with
         ``--data-dir``, a Deferred that fires once it is on disk."""
-        self._released(self.store.tombstone(message_id))
+        key = self.store.tombstone(message_id)
+        if key is not None:
+            self.node.idempotency.released(key, self.clock.seconds())
         self.recovered.pop(message_id, None)
         if self.journal is not None:
             return self.journal.tombstone(parse_id(message_id))
@@ -206,8 +219,9 @@ class Holdings:
         written = None
         if self.journal is not None:
             written = self.journal.tombstones(tombstones)
-        for record in self.store.merge_tombstones(tombstones):
-            self._released(record)
+        now = self.clock.seconds()
+        for key in self.store.merge_tombstones(tombstones):
+            self.node.idempotency.released(key, now)
         for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
             del self.recovered[message_id]
         self._apply_own_tombstones(tombstones)
@@ -225,8 +239,4 @@ class Holdings:
                 message = queue.get(message_id)
                 if message is not None and message.state != PENDING:
                     self.node.apply_tombstone(message_id)
-
-    def _released(self, record: Record | None) -> None:
-        if record is not None and record.key is not None:
-            self.node.idempotency.released(record.key, self.clock.seconds())
 

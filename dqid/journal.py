@@ -168,8 +168,10 @@ def own_records(messages: Iterable[MessageLike]) -> Entry:
     return Entry(EntryType.OWN_RECORDS, encode_records(messages))
 
 
-def replica_records(records: Iterable[MessageLike]) -> Entry:
-    return Entry(EntryType.REPLICA_RECORDS, encode_records(records))
+def replica_records(records: Iterable[MessageLike], encoded: Iterable[bytes] = ()) -> Entry:
+    """Copies of peers' records: ``records``, then records already encoded
+    (the bytes of runs, as they arrived)."""
+    return Entry(EntryType.REPLICA_RECORDS, b"".join([encode_records(records), *encoded]))
 
 
 def tombstones_entry(tombstones: Tombstones) -> Entry:

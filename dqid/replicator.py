@@ -41,7 +41,7 @@ from .timings import Timings
 from .tombstones import Tombstones
 from .wire import (
     WireError, decode_records, decode_states, decode_tombstones, encode_records,
-    encode_states, encode_tombstones,
+    encode_states, encode_tombstones, scan_run,
 )
 
 # Numbered Stream boxes to one peer that may wait unacknowledged at once.
@@ -421,15 +421,20 @@ class Replicator:
         owner = peer.node_id
         try:
             self.holdings.check_epoch(owner, epoch)
-            decoded = decode_records(records)
-            if any(record.mid.node != owner for record in decoded):
+            run = scan_run(records)  # a turn's fresh pushes: kept as bytes
+            decoded = decode_records(records) if run is None else []
+            if (run is not None and run.owner != owner) or any(
+                    record.mid.node != owner for record in decoded):
                 raise cmd.NotHolder("replicate your own messages only")
         except (WireError, cmd.StaleEpoch, cmd.NotHolder) as error:
             if isinstance(error, WireError):
                 self._bad_stream(link, str(error))
             return refusal(error)
         self.holdings.note_epoch(owner, epoch)
-        added, written = self.holdings.merge_replicated(decoded)
+        if run is not None:
+            added, written = self.holdings.merge_run(run)
+        else:
+            added, written = self.holdings.merge_replicated(decoded)
         if added:
             peer.ready_count += added
             self.clock.callLater(0, self.work_arrived)

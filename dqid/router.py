@@ -102,7 +102,7 @@ class Router:
             return fail(UnknownMessage(message_id))
         if self.links.serving_link(owner) is None:
             return maybeDeferred(self._tombstone_here, message_id)
-        if self.holdings.store.get(message_id) is not None:
+        if self.holdings.store.holds(message_id):
             # A copy is here: the ack rides the replication stream, and the
             # owner confirms it (on its disk too) with its Copied.  If it
             # cannot, the tombstone written here reaches it later.
@@ -120,7 +120,7 @@ class Router:
 
     def _tombstone_here(self, message_id: str) -> None:
         """The owner did not take the ack: a replica's copy is acked here."""
-        if self.holdings.store.get(message_id) is None:
+        if not self.holdings.store.holds(message_id):
             raise UnknownMessage(message_id)
         self.replicator.tombstone(message_id)
 
