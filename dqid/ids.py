@@ -63,12 +63,13 @@ _ID_RE = re.compile(
 )
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=4096)
 def parse_id(text: str) -> MessageId:
     """Split a message id; ValueError if it is not one dqid could mint.
 
-    Cached (a few recent ids): one ack or state change reads its id in
-    several layers, one after the other."""
+    Cached (recent ids): one ack or state change reads its id in several
+    layers, one after the other, and a Stream box's states (a few batches'
+    worth) are read before they are applied."""
     match = _ID_RE.match(text)
     if match is None:
         raise ValueError(f"not a dqid message id: {text!r}")
