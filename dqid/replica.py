@@ -22,9 +22,6 @@ from typing import Container, Iterable, Iterator, Protocol
 from .ids import MessageId, format_id, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
 
-# A run left with fewer live records than a quarter of it (and at least this
-# long) is unpacked: its live records become Records, its bytes are freed.
-RUN_UNPACK_LENGTH = 64
 
 
 def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
@@ -209,6 +206,18 @@ class OwnerRuns:
                 return run
         return None
 
+    def within(self, epoch: int, start: int, end: int) -> list[Run]:
+        """The runs with seqs in ``[start, end)`` of ``epoch``."""
+        keys, runs = self._keys, self._runs
+        at = max(bisect.bisect_right(keys, (epoch, start)) - 1, 0)
+        found = []
+        while at < len(runs) and keys[at] < (epoch, end):
+            run = runs[at]
+            if run.epoch == epoch and run.end > start:
+                found.append(run)
+            at += 1
+        return found
+
     def add(self, run: Run) -> bool:
         """Keep ``run``, unless its seqs overlap a run's (False)."""
         key = (run.epoch, run.first)
@@ -386,9 +395,11 @@ class ReplicaStore:
         keys = []
         for (owner, epoch), ranges in other.items():
             # Runs first: one unpacked here leaves Records for the next step.
-            for run in self._runs.get(owner, ()):  # runs have no keys
-                if run.epoch == epoch:
-                    self._run_dropped(run, ranges.ranges_within(run.first, run.end))
+            runs = self._runs.get(owner)
+            if runs is not None:  # (their records have no keys)
+                for start, end in ranges.ranges():
+                    for run in runs.within(epoch, start, end):
+                        self._run_dropped(run, [(start, end)])
             for message_id in matching_ids(self._records.get(owner, {}), owner, epoch, ranges):
                 record = self._drop(owner, message_id)
                 if record is not None and record.key is not None:
@@ -430,13 +441,14 @@ class ReplicaStore:
 
     def _run_dropped(self, run: Run, ranges: list[tuple[int, int]]) -> None:
         """Let ``run`` go of the seqs in ``ranges``; an empty run is
-        forgotten, a sparse one unpacked (its live records become Records)."""
+        forgotten, one less than a quarter live is unpacked (its live records
+        become Records, its bytes are freed: a few long-lived messages never
+        keep much more than their own size)."""
         dropped = 0
         for start, end in ranges:
             dropped += run.drop(start, end)
-        if not dropped or (run.live and (run.end - run.first < RUN_UNPACK_LENGTH
-                                         or run.live * 4 >= run.end - run.first)):
-            return
+        if not dropped or (run.live and run.live * 4 >= len(run)):
+            return  # (a run a quarter live or more is kept as it is)
         owner = run.owner
         runs = self._runs[owner]
         runs.remove(run)

@@ -54,8 +54,26 @@ class RangeSet:
     def range_count(self) -> int:
         return len(self._starts)
 
-    def add(self, value: int) -> None:
-        self.add_range(value, value + 1)
+    def add(self, value: int) -> bool:
+        """Add one value; True if it is new.  (Acks come about in order:
+        mostly this grows the range just below.)"""
+        starts, ends = self._starts, self._ends
+        at = bisect.bisect_right(starts, value) - 1  # the range starting at or below
+        if at >= 0 and value < ends[at]:
+            return False
+        joins_next = at + 1 < len(starts) and starts[at + 1] == value + 1
+        if at >= 0 and ends[at] == value:
+            if joins_next:  # fills the gap between two ranges
+                ends[at] = ends[at + 1]
+                del starts[at + 1], ends[at + 1]
+            else:
+                ends[at] = value + 1
+        elif joins_next:
+            starts[at + 1] = value
+        else:
+            starts.insert(at + 1, value)
+            ends.insert(at + 1, value + 1)
+        return True
 
     def add_range(self, start: int, end: int) -> None:
         if end <= start:
@@ -97,11 +115,10 @@ class Tombstones:
 
     def add(self, owner: str, epoch: int, seq: int) -> bool:
         """Record one; True if it is new."""
-        ranges = self._sets.setdefault((owner, epoch), RangeSet())
-        if seq in ranges:
-            return False
-        ranges.add(seq)
-        return True
+        ranges = self._sets.get((owner, epoch))
+        if ranges is None:
+            ranges = self._sets[(owner, epoch)] = RangeSet()
+        return ranges.add(seq)
 
     def of(self, owner: str, epoch: int) -> RangeSet | None:
         """The seqs gone from ``owner``'s ``epoch`` (None: none known)."""

@@ -404,12 +404,13 @@ def test_acks_empty_a_run_and_a_sparse_run_is_unpacked():
     assert "a" not in store._runs  # unpacked: its bytes are freed
     assert sorted(store._records["a"]) == sorted(
         format_id("a", RUN_EPOCH, s) for s in range(160, 200))
-    # A short run is kept until it is empty, and then forgotten.
+    # Acked one by one: kept as a run while a quarter of it or more is live.
     for seq in range(30):
         assert store.holds(format_id("b", RUN_EPOCH, seq))
         assert store.tombstone(format_id("b", RUN_EPOCH, seq)) is None  # no key
         assert not store.holds(format_id("b", RUN_EPOCH, seq))
         assert store.held("b") == 29 - seq
+        assert ("b" in store._runs) == (seq < 22)  # 8 of 30 live: kept
     assert store.owners() == ["a"] and "b" not in store._runs
 
 

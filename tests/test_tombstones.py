@@ -68,7 +68,7 @@ def test_rangeset_is_a_set_of_ints(ops):
     model: set[int] = set()
     for op, arg in ops:
         if op == "add":
-            rs.add(arg)
+            assert rs.add(arg) == (arg not in model)
             model.add(arg)
         elif op == "add_range":
             rs.add_range(*arg)
