@@ -80,14 +80,20 @@ def _text(value: str | None) -> tuple[int, bytes]:
 
 def encode_records(messages: Iterable[MessageLike]) -> bytes:
     parts: list[bytes] = []
+    append, pack = parts.append, _HEADER.pack
+    content_types: dict[str | None, tuple[int, bytes]] = {None: (_NONE, b"")}
     for message in messages:
         raw_id = message.id.encode("ascii")
-        ct_len, ct = _text(message.content_type)
-        key_len, key = _text(message.key)
-        parts.append(_HEADER.pack(len(raw_id), ct_len, key_len, message.deliveries,
-                                  len(message.body), _HELD if message.held else 0,
-                                  message.due or 0.0))
-        parts += (raw_id, ct, key, message.body)
+        content_type = message.content_type
+        ct_len, ct = content_types.get(content_type) or content_types.setdefault(
+            content_type, _text(content_type))  # a batch has one or a few
+        key_len, key = _text(message.key) if message.key is not None else (_NONE, b"")
+        append(pack(len(raw_id), ct_len, key_len, message.deliveries, len(message.body),
+                    _HELD if message.held else 0, message.due or 0.0))
+        append(raw_id)
+        append(ct)
+        append(key)
+        append(message.body)
     return b"".join(parts)
 
 
