@@ -28,12 +28,8 @@ pytestmark = pytest.mark.process
 
 
 def workload_for(cluster: LocalCluster, seed: int, soak: bool, **overrides) -> Workload:
-    config = WorkloadConfig(
-        seed=seed,
-        messages=600 if soak else 150,
-        max_seconds=120 if soak else 60,
-        **overrides,
-    )
+    config = WorkloadConfig(**{"seed": seed, "messages": 600 if soak else 150,
+                               "max_seconds": 120 if soak else 60, **overrides})
     return Workload(cluster.http_ports(), config)
 
 
@@ -137,6 +133,33 @@ def test_every_node_killed_at_once_with_data_dirs(pool, seed, soak) -> None:
                  if delivered_after.get(t, 0) > delivered_before.get(t, 0)]
     assert came_back == [], f"acked (204) before the crash, delivered after: {came_back[:5]}"
     assert report.acknowledged > 0
+
+
+def test_batches_held_as_runs_survive_a_power_cut_and_a_lost_disk(pool, seed, soak) -> None:
+    """Copies kept as runs (a batch push reaches each replica as one run
+    of bytes, journaled as it came): every node is killed -9 at once under
+    a load of batch pushes, and one of them comes back with an empty data
+    directory (its disk was lost).  Its messages are only in its peers'
+    journals, as runs: it must recover every one answered 201 from them."""
+    rng = random.Random(seed)
+    data = {n: pool.workdir / f"{n}-data" for n in ("a", "b", "c")}
+    cluster = LocalCluster(pool, ("a", "b", "c"),
+                           node_args=lambda n: [f"--data-dir={data[n]}"])
+    cluster.start()
+    workload = workload_for(cluster, seed, soak, batch_size=25, messages=3000 if soak else 1000,
+                            push_interval=0.1, idempotency_keys=False).start()
+    time.sleep(rng.uniform(0.8, 2.0))
+    for node_id in cluster.ids:  # as one: signals sent back to back
+        cluster[node_id].signal(signal.SIGKILL)
+    lost_disk = rng.choice(cluster.ids)
+    data[lost_disk] = pool.workdir / f"{lost_disk}-data-new"
+    for node_id in cluster.ids:
+        cluster[node_id].kill()  # reap
+        cluster.replace(node_id, wait="")
+    for node_id in cluster.ids:
+        cluster[node_id].wait_for("/ready", 60)
+    finish("batch-runs", cluster, workload)
+    assert workload.batches_created >= 4, "too few batches: the scenario tested little"
 
 
 def test_owner_killed_right_after_a_201(pool, seed, soak) -> None:

@@ -10,6 +10,7 @@ turn, like a round-robin load balancer.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import random
 import socket
@@ -34,6 +35,7 @@ class WorkloadConfig:
     push_interval: float = 0.0  # pause between one producer's pushes
     poison_rate: float = 0.0  # share of messages every worker nacks (never acks)
     max_seconds: float = 60.0
+    batch_size: int = 1  # above 1: POST /push/batch of that many, no keys, no retries
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Workload:
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
         self.push_timeouts = 0  # pushes with no answer (retried if keyed)
+        self.batches_created = 0  # batch pushes answered 201
         self.answered_204: set[str] = set()  # tokens whose ack was answered 204
         self.held_tokens: list[str] = []  # found held at the end (settle_held)
 
@@ -120,6 +123,13 @@ class Workload:
     def _produce(self, rng: random.Random) -> None:
         try:
             while self._running():
+                if self.config.batch_size > 1:
+                    with self._lock:
+                        numbers = list(itertools.islice(self._tokens, self.config.batch_size))
+                    if not numbers:
+                        return
+                    self._push_batch([f"t{self.config.seed}-{n}" for n in numbers])
+                    continue
                 with self._lock:
                     number = next(self._tokens, None)
                 if number is None:
@@ -153,6 +163,32 @@ class Workload:
             if not self.config.idempotency_keys:
                 return  # without a key a retry could queue it twice
             time.sleep(0.05 + rng.random() * 0.2)
+
+    def _push_batch(self, tokens: list[str]) -> None:
+        """One POST /push/batch, all or nothing; never retried (no key)."""
+        for token in tokens:
+            self.checker.attempt(token)
+        body = json.dumps({"messages": [{"body": t, "content_type": "text/plain"}
+                                        for t in tokens]}).encode()
+        reply = self._request("POST", "/push/batch", body,
+                              {"Content-Type": "application/json"})
+        if reply is None or reply[0] >= 500 and reply[0] != 503:
+            outcomes = ["indeterminate"] * len(tokens)
+            ids: list[str | None] = [None] * len(tokens)
+            with self._lock:
+                self.push_timeouts += 1
+        elif reply[0] == 201:
+            ids = json.loads(reply[2])["ids"]
+            outcomes = ["ok"] * len(tokens)
+            with self._lock:
+                self.batches_created += 1
+        else:
+            outcomes, ids = ["refused"] * len(tokens), [None] * len(tokens)
+        for token, outcome, message_id in zip(tokens, outcomes, ids):
+            if message_id is None:
+                self.checker.pushed(token, outcome)
+            else:
+                self.checker.pushed(token, outcome, message_id)
 
     # -- consumers -----------------------------------------------------------
 
