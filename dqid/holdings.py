@@ -163,12 +163,10 @@ class Holdings:
         return len(new), written
 
     def merge_run(self, run: Run) -> tuple[int, Deferred | None]:
-        """Hold a peer's :class:`Run` (its records are fresh and have no
-        idempotency key); how many records were new, and a Deferred that
-        fires once they are on disk (None without ``--data-dir`` or nothing
-        new)."""
-        if run.owner == self.me:  # never streamed to us; the usual rules
-            return self.merge_replicated(run.records())
+        """Hold a :class:`Run` of a peer's messages (fresh, with no
+        idempotency key: nothing to remember of them); how many were new,
+        and a Deferred that fires once they are on disk (None without
+        ``--data-dir`` or nothing new)."""
         added = self.store.add_run(run)
         written = None
         if added and self.journal is not None:

@@ -23,7 +23,6 @@ from .ids import MessageId, format_id, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
 
 
-
 def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
                  ranges: RangeSet) -> list[str]:
     """The ids in ``held`` (owner's ids) that ``ranges`` of ``epoch`` cover."""
