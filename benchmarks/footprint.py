@@ -186,7 +186,8 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
                          body_size: int = REPLICA_RSS_BODY) -> dict:
     """RSS growth of peers b and c of a fresh 3-node cluster (min-copies 3)
     while they hold copies of ``--rss-count`` messages pushed to a (by
-    POST /push/batch of RSS_FILL_BATCH), per copy: the mean over b and c."""
+    POST /push/batch of RSS_FILL_BATCH, or single pushes with ``--rss-fill
+    single``), per copy: the mean over b and c."""
     n = args.rss_count
     cluster = fleet.cluster("rss-replica", n + 1000)
     try:
@@ -203,7 +204,14 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
         before = {p: rss_bytes(node.pid) for p, node in peers.items()}
         a_before = rss_bytes(a.pid)
         t0 = time.monotonic()
-        fill_by_batches(findings, a, n, body_size, "rss per replica copy, fill of a")
+        if args.rss_fill == "single":
+            result = run_phase("push", [a.http_port], True, args, [a.pid], count=n,
+                               size=body_size)
+            if result["errors"]:
+                findings.note(f"rss per replica copy, fill of a: {result['errors']} errors: "
+                              f"{result['samples']}")
+        else:
+            fill_by_batches(findings, a, n, body_size, "rss per replica copy, fill of a")
         fill_seconds = time.monotonic() - t0
         held: dict[str, int] = {}
 

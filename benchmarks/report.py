@@ -201,9 +201,8 @@ def footprint(findings: Findings, args: argparse.Namespace) -> list[str]:
             f"  process start -> /ready 200 with depth {disk['messages']}: "
             f"{fmt(disk['seconds_to_depth'], '.2f', 7)} s",
         ]
+    fill = f"POST /push/batch of {RSS_FILL_BATCH}" if args.rss_fill == "batch" else "POST /push"
     if findings.rss:
-        fill = (f"POST /push/batch of {RSS_FILL_BATCH}" if args.rss_fill == "batch"
-                else "POST /push")
         lines += ["", f"RSS per queued message (standalone node, {args.rss_count} messages, "
                       f"filled by {fill}):"]
         for r in findings.rss:
@@ -221,7 +220,7 @@ def footprint(findings: Findings, args: argparse.Namespace) -> list[str]:
             for p, per in copies["bytes_per_copy_by_peer"].items())
         lines += [
             f"RSS per replica copy (peers b and c holding a's {copies['messages']} messages of "
-            f"{copies['body_bytes']} B): {copies['bytes_per_copy']:.0f} B/copy "
+            f"{copies['body_bytes']} B, pushed by {fill}): {copies['bytes_per_copy']:.0f} B/copy "
             f"({copies['bytes_per_copy'] - copies['body_bytes']:.0f} B over the body)",
             f"  {per_peer}; owner a: {copies['owner_bytes_per_message']:.0f} B/message",
         ]
