@@ -143,6 +143,19 @@ def fill_by_batches(findings: Findings, node: DqidProcess, n: int, body_size: in
             break
 
 
+def fill(findings: Findings, args: argparse.Namespace, node: DqidProcess, n: int,
+         body_size: int, what: str) -> None:
+    """Push ``n`` bodies of ``body_size`` bytes to ``node`` as ``--rss-fill``
+    says: POST /push/batch of RSS_FILL_BATCH, or single POST /push."""
+    if args.rss_fill == "batch":
+        fill_by_batches(findings, node, n, body_size, what)
+        return
+    result = run_phase("push", [node.http_port], True, args, [node.pid], count=n,
+                       size=body_size)
+    if result["errors"]:
+        findings.note(f"{what}: {result['errors']} errors: {result['samples']}")
+
+
 def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
                     body_size: int) -> dict:
     """RSS growth of a fresh, warmed-up standalone node filled with
@@ -156,14 +169,7 @@ def rss_per_message(findings: Findings, fleet: Fleet, args: argparse.Namespace,
     time.sleep(SETTLE)
     before = rss_bytes(node.pid)
     t0 = time.monotonic()
-    if args.rss_fill == "single":
-        result = run_phase("push", [node.http_port], True, args, [node.pid], count=n,
-                           size=body_size)
-        if result["errors"]:
-            findings.note(f"rss fill {body_size} B: {result['errors']} errors: "
-                          f"{result['samples']}")
-    else:
-        fill_by_batches(findings, node, n, body_size, f"rss fill {body_size} B")
+    fill(findings, args, node, n, body_size, f"rss fill {body_size} B")
     fill_seconds = time.monotonic() - t0
     time.sleep(SETTLE)
     after = rss_bytes(node.pid)
@@ -204,14 +210,7 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
         before = {p: rss_bytes(node.pid) for p, node in peers.items()}
         a_before = rss_bytes(a.pid)
         t0 = time.monotonic()
-        if args.rss_fill == "single":
-            result = run_phase("push", [a.http_port], True, args, [a.pid], count=n,
-                               size=body_size)
-            if result["errors"]:
-                findings.note(f"rss per replica copy, fill of a: {result['errors']} errors: "
-                              f"{result['samples']}")
-        else:
-            fill_by_batches(findings, a, n, body_size, "rss per replica copy, fill of a")
+        fill(findings, args, a, n, body_size, "rss per replica copy, fill of a")
         fill_seconds = time.monotonic() - t0
         held: dict[str, int] = {}
 
