@@ -337,7 +337,7 @@ class ReplicaStore:
         self.note_epoch(mid.node, mid.epoch)
         if mid in self.tombstones:
             return False
-        if mid.node in self._runs and self._run_holding(record.id)[0] is not None:
+        if mid.node in self._runs and self._run_of(mid) is not None:
             return False
         by_id = self._records.setdefault(mid.node, {})
         if record.id in by_id:
@@ -378,9 +378,9 @@ class ReplicaStore:
         self.tombstones.add(mid.node, mid.epoch, mid.seq)
         record = self._drop(mid.node, message_id)
         if record is None and mid.node in self._runs:
-            run, seq = self._run_holding(message_id)
+            run = self._run_of(mid)
             if run is not None:  # a run's records have no key
-                self._run_dropped(run, [(seq, seq + 1)])
+                self._run_dropped(run, [(mid.seq, mid.seq + 1)])
         return None if record is None else record.key
 
     def merge_tombstones(self, other: Tombstones) -> list[str]:
@@ -427,16 +427,20 @@ class ReplicaStore:
         return taken
 
     def _run_holding(self, message_id: str) -> tuple[Run | None, int]:
-        """The run that holds ``message_id``, and its seq."""
+        """The run that holds ``message_id`` (any text), and its seq."""
         try:
-            owner, epoch, seq = parse_id(message_id)
+            mid = parse_id(message_id)
         except ValueError:
             return None, 0
-        runs = self._runs.get(owner)
-        run = None if runs is None else runs.find(epoch, seq)
-        if run is not None and not run.gone[seq - run.first]:
-            return run, seq
-        return None, 0
+        return self._run_of(mid), mid.seq
+
+    def _run_of(self, mid: MessageId) -> Run | None:
+        """The run that holds ``mid``."""
+        runs = self._runs.get(mid.node)
+        run = None if runs is None else runs.find(mid.epoch, mid.seq)
+        if run is not None and not run.gone[mid.seq - run.first]:
+            return run
+        return None
 
     def _run_dropped(self, run: Run, ranges: list[tuple[int, int]]) -> None:
         """Let ``run`` go of the seqs in ``ranges``; an empty run is
