@@ -124,6 +124,9 @@ class Cluster:
     def ack(self, message_id: str, mid: MessageId) -> Deferred:
         return self.router.ack(message_id, mid)
 
+    def ack_many(self, acks: Sequence[tuple[str, MessageId]]) -> Deferred:
+        return self.router.ack_many(acks)
+
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         await self.router.lease(message_id, mid, change)
 

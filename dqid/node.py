@@ -56,6 +56,10 @@ class Remote(Protocol):
         """Ack a message this node's queue does not hold (fails with
         UnknownMessage when nobody knows it)."""
 
+    def ack_many(self, acks: Sequence[tuple[str, MessageId]]) -> Deferred:
+        """Ack messages this node's queue does not hold, together: fires
+        with, per ack, True (acked) or False (nobody knows it)."""
+
     async def lease(self, message_id: str, mid: MessageId, change: LeaseChange) -> None:
         """Nack, touch or kick a message owned by a peer."""
 
@@ -124,7 +128,7 @@ class LongPoll:
     timer: IDelayedCall | None = None
 
 
-def _first_error(failure: Failure) -> Failure:
+def first_error(failure: Failure) -> Failure:
     """The failure inside gatherResults' FirstError."""
     failure.trap(FirstError)
     return failure.value.subFailure
@@ -315,7 +319,7 @@ class QueueNode:
             if self.remote is not None:
                 waits.append(self.remote.replicate(messages))
             waiting = waits[0] if len(waits) == 1 else gatherResults(
-                waits, consumeErrors=True).addErrback(_first_error)
+                waits, consumeErrors=True).addErrback(first_error)
         except BaseException as reason:
             self._not_accepted(reason, messages)
         return waiting.addCallbacks(
@@ -497,6 +501,44 @@ class QueueNode:
         if self.remote is None:  # a pending message, or none: not ackable
             return fail(UnknownMessage(message_id))
         return self.remote.ack(message_id, mid)
+
+    def ack_many(self, message_ids: Sequence[str]) -> Deferred:
+        """Ack a batch of messages of any owner: fires with, per id, True
+        (acked) or False (unknown: nobody here knows it, or an earlier id
+        of the batch acked it); fails, once all are done, with an error
+        other than that.  The cluster takes the peers' messages together,
+        so the acks for one owner settle as one."""
+        acked: list[bool] = []
+        waits: list[Deferred] = []
+        elsewhere: list[tuple[str, MessageId]] = []
+        positions: list[int] = []
+        for message_id in message_ids:
+            message = self.queue.get(message_id)
+            if message is not None and message.state != PENDING and not self.readiness.fenced:
+                written = self.ack_own(message_id)
+                if written is not None:
+                    waits.append(written)
+                acked.append(True)
+                continue
+            acked.append(False)
+            try:
+                mid = parse_id(message_id)
+            except ValueError:
+                continue
+            if mid.node == self.node_id and self.readiness.fenced:
+                waits.append(fail(NotReady(self.readiness.refusal() or "fenced")))
+            elif self.remote is not None:
+                positions.append(len(acked) - 1)
+                elsewhere.append((message_id, mid))
+        if elsewhere and self.remote is not None:
+            def answered(answers: list[bool]) -> None:
+                for position, answer in zip(positions, answers):
+                    acked[position] = answer
+            waits.append(self.remote.ack_many(elsewhere).addCallback(answered))
+        if not waits:
+            return succeed(acked)
+        return gatherResults(waits, consumeErrors=True).addCallbacks(
+            lambda _: acked, first_error)
 
     def ack_own(self, message_id: str) -> Deferred | None:
         """Ack a message of this node's queue and tell the holders: None,

@@ -165,6 +165,22 @@ class Replicator:
         disk, with ``--data-dir``), False if that cannot be known (the
         tombstone reaches it later)."""
         self.tombstone(message_id)
+        return self._confirmation(owner)
+
+    def confirm_tombstones(self, tombstones: Tombstones, owner: Peer) -> Deferred:
+        """Ack messages of peer ``owner`` here, together: as
+        :meth:`confirm_tombstone`, one confirmation for them all."""
+        written = self.holdings.merge_tombstones(tombstones)
+        if written is not None:
+            written.addErrback(lambda f: None)  # the Durability logs a failed disk
+        if self._tombstones is None:
+            self._tombstones = Tombstones()
+            self._end_turn_later()
+        self._tombstones.merge(tombstones)
+        return self._confirmation(owner)
+
+    def _confirmation(self, owner: Peer) -> Deferred:
+        """Fires True once ``owner`` confirms this turn's tombstones."""
         confirmed: Deferred = Deferred()
         self._lanes[owner.node_id].confirmations.append(confirmed)
         return confirmed

@@ -9,7 +9,7 @@ node.  The ``on_*`` methods answer the same requests from peers.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -22,13 +22,14 @@ from .holdings import Holdings
 from .idempotency import IdempotencyConflict
 from .ids import MessageId, parse_id
 from .links import Links
-from .node import LeaseChange
+from .node import LeaseChange, first_error
 from .peers import Link, Peer
 from .queue import LeaseLost, Message, NotHeld, NotLeased, UnknownMessage
 from .readiness import Readiness
 from .replica import Record, Taken
 from .replicator import Replicator
 from .timings import Timings
+from .tombstones import Tombstones
 from .wire import decode_records, encode_records
 
 # Forwarded acks per Ack call (ids travel in one AMP value of 64 KiB).
@@ -63,6 +64,15 @@ class Owner(Protocol):
     def claim_long_poll(self) -> Any: ...
 
     def answer_long_poll(self, poll: Any, taken: list[Any]) -> bool: ...
+
+
+def _answer(_: object, answers: list[bool], position: int) -> None:
+    answers[position] = True
+
+
+def _unknown(failure: Failure, answers: list[bool], position: int) -> None:
+    failure.trap(UnknownMessage)
+    answers[position] = False
 
 
 class Router:
@@ -111,6 +121,43 @@ class Router:
         # No copy here (it missed it): only the owner knows the message.
         return self._forward_ack(owner, message_id).addCallback(
             self._forwarded, message_id)
+
+    def ack_many(self, acks: Sequence[tuple[str, MessageId]]) -> Deferred:
+        """Ack messages this node's queue does not hold: fires with, per
+        ack, True (acked) or False (unknown).  Those a copy of is here go
+        to each owner as one set of tombstones, confirmed once; the rest go
+        one by one as :meth:`ack` sends them."""
+        answers = [False] * len(acks)
+        waits: list[Deferred] = []
+        riding: dict[str, tuple[Peer, Tombstones, list[int]]] = {}
+        linked: dict[str, bool] = {}  # owner: a serving link to it exists
+        store = self.holdings.store
+        for position, (message_id, mid) in enumerate(acks):
+            owner = self.links.peers.get(mid.node)
+            if owner is not None and mid not in store.tombstones:
+                serving = linked.get(owner.node_id)
+                if serving is None:
+                    serving = linked[owner.node_id] = (
+                        self.links.serving_link(owner) is not None)
+                if serving and store.holds(message_id):
+                    group = riding.get(owner.node_id)
+                    if group is None:
+                        group = riding[owner.node_id] = (owner, Tombstones(), [])
+                    if group[1].add(mid.node, mid.epoch, mid.seq):
+                        group[2].append(position)
+                    continue  # (a repeat in the batch: unknown, as one by one)
+            waits.append(self.ack(message_id, mid).addCallbacks(
+                _answer, _unknown, callbackArgs=(answers, position),
+                errbackArgs=(answers, position)))
+        for owner, tombstones, positions in riding.values():
+            for position in positions:
+                answers[position] = True
+            # Answered once the owner has them (or cannot say): see ack().
+            waits.append(self.replicator.confirm_tombstones(tombstones, owner))
+        if not waits:
+            return succeed(answers)
+        return gatherResults(waits, consumeErrors=True).addCallbacks(
+            lambda _: answers, first_error)
 
     def _forwarded(self, acked: bool, message_id: str) -> None:
         if acked:

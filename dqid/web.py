@@ -11,7 +11,7 @@ import json
 from typing import Any, Protocol
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -253,20 +253,9 @@ class HttpApi:
             raise bad_request('the body must be {"ids": ["...", ...]}')
         if len(ids) > MAX_BATCH:
             raise bad_request(f"at most {MAX_BATCH} ids at once")
-        # Start every ack before waiting for any: acks forwarded to one
-        # owner in one turn travel as one call.
-        outcomes = []
-        for message_id in ids:
-            outcomes.append(maybeDeferred(self.node.ack, message_id))
-        results = await DeferredList(outcomes, consumeErrors=True)
-        acked, unknown = [], []
-        for message_id, (ok, result) in zip(ids, results):
-            if ok:
-                acked.append(message_id)
-            elif result.check(UnknownMessage):
-                unknown.append(message_id)
-            else:
-                result.raiseException()
+        answers = await self.node.ack_many(ids)
+        acked = [message_id for message_id, ok in zip(ids, answers) if ok]
+        unknown = [message_id for message_id, ok in zip(ids, answers) if not ok]
         return json_body(request, 200, {"acked": acked, "unknown": unknown})
 
     @app.route("/nack/<message_id>", methods=["POST"])
