@@ -12,8 +12,9 @@ changed states of the node's own messages, and tombstones.  Each peer says
 * A link lost, or a peer that acknowledges nothing for
   ``replication_timeout``, counts as no copy.  A push that cannot get its
   copies in time is withdrawn everywhere with a tombstone.
-* States are not urgent: they wait up to ``states_linger`` for a box that
-  goes anyway, and a message acked meanwhile sends none.
+* States are not urgent: they go ``states_linger`` after they change,
+  with whatever else goes then, and a message acked meanwhile sends none
+  (most leases end well within it: their states never travel).
 * An ack of a peer's message rides the turn's box, numbered to that peer
   (its owner), whose Copied confirms it (:meth:`confirm_tombstone`).
 """
@@ -187,8 +188,8 @@ class Replicator:
 
     def states_changed(self, changed: list[Message]) -> None:
         """The node's ``changed`` messages changed state (the node gathers
-        a turn's changes): they go to every linked peer with the next box,
-        within ``states_linger``."""
+        a turn's changes): they go to every linked peer ``states_linger``
+        from the first of them, unless acked by then."""
         for message in changed:
             self._states[message.id] = message
         if self._states and self._states_due is None:
@@ -212,12 +213,13 @@ class Replicator:
             if reason is not None:
                 self._fail_batch(batch, reason)  # its tombstones go below
                 batch = None
-        if self._states_due is not None:
-            if self._states_due.active():
-                self._states_due.cancel()
+        states: list[Message] = []
+        if self._states_due is not None and not self._states_due.active():
+            # The linger ran out: the states go now (a message acked
+            # meanwhile sends none).
             self._states_due = None
-        states = [m for m in self._states.values() if m.state != GONE]
-        self._states = {}
+            states = [m for m in self._states.values() if m.state != GONE]
+            self._states = {}
         tombstones, self._tombstones = self._tombstones, None
         states_payload = encode_states(states) if states else None
         tombstones_payload = encode_tombstones(tombstones) if tombstones else None

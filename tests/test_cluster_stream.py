@@ -604,7 +604,7 @@ def test_states_go_within_the_linger_and_not_before(make, wire):
     wire.check()
 
 
-def test_states_go_at_once_with_a_push_of_the_same_turn(make, wire):
+def test_states_wait_for_their_linger_even_when_a_push_goes(make, wire):
     net = make("abc")
     a, b, c = net.start_all()
     mid = pushed_id(net, a)
@@ -615,8 +615,11 @@ def test_states_go_at_once_with_a_push_of_the_same_turn(make, wire):
     assert [r.id for r in successResultOf(taking)] == [mid]
     successResultOf(pushing)
     boxes = [e.values for e in wire.sent(cmd.Stream, "a")][before:]
-    assert len(boxes) == 2  # one box per peer, records and states together
-    assert all(v["records"] is not None and v["states"] is not None for v in boxes)
+    assert len(boxes) == 2  # one box per peer: the push, without the state
+    assert all(v["records"] is not None and v["states"] is None for v in boxes)
+    assert b.cluster.store.get(mid).deliveries == 0
+    net.advance(LINGER * 1.2)
+    assert len(_states_boxes(wire, "a")) == 2
     assert b.cluster.store.get(mid).deliveries == c.cluster.store.get(mid).deliveries == 1
     wire.check()
 
