@@ -12,9 +12,9 @@ changed states of the node's own messages, and tombstones.  Each peer says
 * A link lost, or a peer that acknowledges nothing for
   ``replication_timeout``, counts as no copy.  A push that cannot get its
   copies in time is withdrawn everywhere with a tombstone.
-* States are not urgent: they go ``states_linger`` after they change,
-  with whatever else goes then, and a message acked meanwhile sends none
-  (most leases end well within it: their states never travel).
+* States are not urgent: they go half a ``states_linger`` to a whole one
+  after they change, and a message acked meanwhile sends none (most leases
+  end well within it: their states never travel).
 * An ack of a peer's message rides the turn's box, numbered to that peer
   (its owner), whose Copied confirms it (:meth:`confirm_tombstone`).
 """
@@ -112,8 +112,13 @@ class Replicator:
         # This turn's changes, sent when it ends.
         self._turn_ends: IDelayedCall | None = None
         self._batch: Batch | None = None
-        self._states: dict[str, Message] = {}  # by id: each message once
-        self._states_due: IDelayedCall | None = None
+        # States wait (each message once): changed in this half linger,
+        # in the one before, and due to go with the next box.
+        self._states: dict[str, Message] = {}
+        self._states_aging: dict[str, Message] = {}
+        self._states_due: list[Message] = []
+        self._states_tick: IDelayedCall | None = None
+        self._states_tick_at = 0.0  # when the tick is (or was) due
         self._tombstones: Tombstones | None = None
         # The peer side: what each link's owner sent, acknowledged per turn.
         self._acknowledgers: dict[Link, Acknowledger] = {}
@@ -188,12 +193,32 @@ class Replicator:
 
     def states_changed(self, changed: list[Message]) -> None:
         """The node's ``changed`` messages changed state (the node gathers
-        a turn's changes): they go to every linked peer ``states_linger``
-        from the first of them, unless acked by then."""
+        a turn's changes): they go to every linked peer half a
+        ``states_linger`` to a whole one later, unless acked by then."""
         for message in changed:
             self._states[message.id] = message
-        if self._states and self._states_due is None:
-            self._states_due = self.clock.callLater(self.timings.states_linger, self.flush)
+        if self._states and self._states_tick is None:
+            self._states_tick_at = self.clock.seconds()
+            self._tick_states_later()
+
+    def _tick_states_later(self) -> None:
+        """The next tick, half a linger after the one before was due (so a
+        late timer does not stretch the linger)."""
+        self._states_tick_at += self.timings.states_linger / 2
+        self._states_tick = self.clock.callLater(
+            max(0.0, self._states_tick_at - self.clock.seconds()), self._age_states)
+
+    def _age_states(self) -> None:
+        """Every half linger: the states that changed in the half before
+        the last go now (each waited half a linger to a whole one), those
+        since age a half."""
+        self._states_tick = None
+        due, self._states_aging, self._states = self._states_aging, self._states, {}
+        self._states_due = [m for m in due.values() if m.state != GONE]
+        if self._states_due:
+            self.flush()
+        if self._states_aging:
+            self._tick_states_later()
 
     def _end_turn_later(self) -> None:
         if self._turn_ends is None:
@@ -213,13 +238,7 @@ class Replicator:
             if reason is not None:
                 self._fail_batch(batch, reason)  # its tombstones go below
                 batch = None
-        states: list[Message] = []
-        if self._states_due is not None and not self._states_due.active():
-            # The linger ran out: the states go now (a message acked
-            # meanwhile sends none).
-            self._states_due = None
-            states = [m for m in self._states.values() if m.state != GONE]
-            self._states = {}
+        states, self._states_due = self._states_due, []
         tombstones, self._tombstones = self._tombstones, None
         states_payload = encode_states(states) if states else None
         tombstones_payload = encode_tombstones(tombstones) if tombstones else None
