@@ -265,12 +265,23 @@ def decode_states(data: bytes) -> list[tuple[MessageId, str, int, bool, float | 
 # -- tombstones ---------------------------------------------------------------
 
 
-def encode_tombstones(tombstones: Tombstones) -> bytes:
-    return json.dumps(tombstones.as_dict(), separators=(",", ":")).encode("utf-8")
-
-
 def _reject_constant(name: str) -> Any:
     raise WireError(f"{name} is not a tombstone value")
+
+
+# Made once: json.dumps and json.loads with options build a new coder per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_STRICT = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _strict_json(data: bytes) -> Any:
+    """``data`` (UTF-8 JSON, no NaN or Infinity) parsed; ValueError or
+    RecursionError if it is not that."""
+    return _STRICT.decode(str(data, "utf-8"))
+
+
+def encode_tombstones(tombstones: Tombstones) -> bytes:
+    return _COMPACT.encode(tombstones.as_dict()).encode("utf-8")
 
 
 def decode_tombstones(data: bytes) -> Tombstones:
@@ -282,7 +293,7 @@ def decode_tombstones(data: bytes) -> Tombstones:
     if not data:
         return Tombstones()
     try:
-        document = json.loads(data, parse_constant=_reject_constant)
+        document = _strict_json(data)
     except WireError:
         raise
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, depth
@@ -326,13 +337,13 @@ def _epoch_key(owner: str, text: str) -> int:
 
 def encode_epochs(epochs: Mapping[str, int]) -> bytes:
     """``{node: epoch}`` as JSON (``SyncStart``'s ``epochs``)."""
-    return json.dumps(dict(epochs), separators=(",", ":")).encode("utf-8")
+    return _COMPACT.encode(dict(epochs)).encode("utf-8")
 
 
 def decode_epochs(data: bytes) -> dict[str, int]:
     """``{node: epoch}`` from JSON: node ids to ints in 0 ... MAX_EPOCH; else WireError."""
     try:
-        document = json.loads(data, parse_constant=_reject_constant)
+        document = _strict_json(data)
     except WireError:
         raise
     except (ValueError, RecursionError):
