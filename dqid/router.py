@@ -9,6 +9,7 @@ node.  The ``on_*`` methods answer the same requests from peers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
@@ -64,6 +65,16 @@ class Owner(Protocol):
     def claim_long_poll(self) -> Any: ...
 
     def answer_long_poll(self, poll: Any, taken: list[Any]) -> bool: ...
+
+
+@dataclass(eq=False)
+class OwnerAcks:
+    """The acks of one owner's messages whose copies are here, in one batch:
+    they go as one set of tombstones and settle as one."""
+
+    owner: Peer
+    tombstones: Tombstones = field(default_factory=Tombstones)
+    positions: list[int] = field(default_factory=list)  # in the batch
 
 
 def _answer(_: object, answers: list[bool], position: int) -> None:
@@ -129,7 +140,7 @@ class Router:
         one by one as :meth:`ack` sends them."""
         answers = [False] * len(acks)
         waits: list[Deferred] = []
-        riding: dict[str, tuple[Peer, Tombstones, list[int]]] = {}
+        riding: dict[str, OwnerAcks] = {}
         linked: dict[str, bool] = {}  # owner: a serving link to it exists
         store = self.holdings.store
         for position, (message_id, mid) in enumerate(acks):
@@ -142,18 +153,18 @@ class Router:
                 if serving and store.holds(message_id):
                     group = riding.get(owner.node_id)
                     if group is None:
-                        group = riding[owner.node_id] = (owner, Tombstones(), [])
-                    if group[1].add(mid.node, mid.epoch, mid.seq):
-                        group[2].append(position)
+                        group = riding[owner.node_id] = OwnerAcks(owner)
+                    if group.tombstones.add(mid.node, mid.epoch, mid.seq):
+                        group.positions.append(position)
                     continue  # (a repeat in the batch: unknown, as one by one)
             waits.append(self.ack(message_id, mid).addCallbacks(
                 _answer, _unknown, callbackArgs=(answers, position),
                 errbackArgs=(answers, position)))
-        for owner, tombstones, positions in riding.values():
-            for position in positions:
+        for group in riding.values():
+            for position in group.positions:
                 answers[position] = True
             # Answered once the owner has them (or cannot say): see ack().
-            waits.append(self.replicator.confirm_tombstones(tombstones, owner))
+            waits.append(self.replicator.confirm_tombstones(group.tombstones, group.owner))
         if not waits:
             return succeed(answers)
         return gatherResults(waits, consumeErrors=True).addCallbacks(
