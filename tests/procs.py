@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client as httplib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,8 +23,40 @@ from typing import Any, Callable
 TWISTD = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave, not to be given twice
+_PORT_DRAWS = random.Random()  # its own: tests seed the shared one
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for an outgoing connection."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port nothing listens on, for a process to listen on.
+
+    Drawn below the kernel's ephemeral range: a port the kernel picked
+    (bind to port 0) can be taken by any outgoing connection before the
+    process it was meant for listens on it, which failed a soak run with
+    "Address already in use".  Never the same port twice in one run."""
+    low = _ephemeral_low()
+    if low > 2048:
+        for _ in range(200):
+            port = _PORT_DRAWS.randrange(1024, low)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as sock:  # (no room below the range)
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
