@@ -95,6 +95,10 @@ class Taken(Record):
                    record.deliveries, record.parsed, record.held, record.due, receipt)
 
 
+# The state of a copy as it came in a run: no deliveries, not held, not delayed.
+FRESH: tuple[int, bool, float | None] = (0, False, None)
+
+
 @dataclass(slots=True, eq=False)
 class Run:
     """Records of one owner, fresh when they came (no deliveries, not held,
@@ -154,10 +158,22 @@ class Run:
                     states.pop(seq, None)
         return dropped
 
-    def set_state(self, seq: int, deliveries: int, held: bool, due: float | None) -> None:
-        if self.states is None:
-            self.states = {}
-        self.states[seq] = (deliveries, held, due)
+    def set_state(self, seq: int, deliveries: int, held: bool, due: float | None) -> bool:
+        """What the owner says of ``seq`` now; False if that is what is
+        held already.  A fresh state is the run's own: never kept (an
+        anti-entropy sync says it of every copy)."""
+        state = (deliveries, held, due)
+        states = self.states
+        known = FRESH if states is None else states.get(seq, FRESH)
+        if state == known:
+            return False
+        if state == FRESH:
+            del states[seq]  # type: ignore[union-attr]  # (known was not FRESH)
+        else:
+            if states is None:
+                states = self.states = {}
+            states[seq] = state
+        return True
 
     def record(self, seq: int) -> Record:
         """The record of ``seq`` (one the run holds), parsed."""
@@ -281,18 +297,20 @@ class ReplicaStore:
 
     def set_state(self, message_id: str, deliveries: int, held: bool,
                   due: float | None) -> bool:
-        """What the owner says of a copy held here now; False if none is."""
+        """What the owner says of a copy held here now; True if that
+        changed it (False: no copy here, or it says what is held)."""
         owner = message_id.partition(".")[0]
         by_id = self._records.get(owner)
         record = None if by_id is None else by_id.get(message_id)
         if record is not None:
+            if (record.deliveries, record.held, record.due) == (deliveries, held, due):
+                return False
             record.deliveries, record.held, record.due = deliveries, held, due
             return True
         if owner in self._runs:
             run, seq = self._run_holding(message_id)
             if run is not None:
-                run.set_state(seq, deliveries, held, due)
-                return True
+                return run.set_state(seq, deliveries, held, due)
         return False
 
     def holds(self, message_id: str) -> bool:

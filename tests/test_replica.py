@@ -124,7 +124,10 @@ def apply(store: ReplicaStore, model: Model, op) -> None:
             assert got is None
     elif kind == "set_state":
         key, deliveries, held = arg
-        assert store.set_state(mid(key), deliveries, held, None) == (mid(key) in model.live)
+        known = model.states.get(mid(key), (record(key).deliveries, False))
+        # True only if it changed a copy held here.
+        assert store.set_state(mid(key), deliveries, held, None) == (
+            mid(key) in model.live and (deliveries, held) != known)
         if mid(key) in model.live:
             model.states[mid(key)] = (deliveries, held)
     elif kind == "tombstone":
@@ -373,6 +376,28 @@ def test_a_run_holds_its_records_as_the_bytes_they_came_in():
     [copy] = [r for r in store.records("a") if r.id == format_id("a", RUN_EPOCH, 60)]
     assert (copy.deliveries, copy.held) == (3, True)
     assert list(store._records["a"]) == [format_id("a", RUN_EPOCH, 50)]
+
+
+def test_a_run_keeps_states_only_where_the_owner_says_something_new():
+    # An anti-entropy sync from the owner says the state of every copy: a
+    # fresh one is the run's own and costs no memory, a repeat changes
+    # nothing (and so is not written to disk again).
+    store = ReplicaStore()
+    store.add_run(run_of(("a", 1, 100)))
+    [run] = store._runs["a"]
+    ids = [format_id("a", RUN_EPOCH, seq) for seq in range(1, 101)]
+    assert not any(store.set_state(i, 0, False, None) for i in ids)
+    assert not run.states
+    assert store.set_state(ids[59], 2, False, None)
+    assert not store.set_state(ids[59], 2, False, None)
+    assert run.states == {60: (2, False, None)}
+    assert store.set_state(ids[59], 0, False, None)
+    assert not run.states
+    # A copy held as a Record: the same rule.
+    assert store.get(ids[9]).deliveries == 0
+    assert not store.set_state(ids[9], 0, False, None)
+    assert store.set_state(ids[9], 1, True, None)
+    assert not store.set_state(ids[9], 1, True, None)
 
 
 def test_a_replayed_run_adds_nothing_and_a_later_one_only_what_is_new():
