@@ -18,8 +18,8 @@ class Timings:
     call_timeout: float = 5.0
     # A push whose copies are not made within this is withdrawn (503).
     replication_timeout: float = 5.0
-    # Delivery counts, held states and due times wait this long at most for
-    # a Stream box going to the peer anyway (a push, a tombstone).
+    # Delivery counts, held states and due times go to the peers half this
+    # to this long after they change (none for a message acked by then).
     states_linger: float = 0.05
     # Anti-entropy: each peer's whole state is pulled again this often.
     anti_entropy_interval: float = 10.0
