@@ -9,7 +9,8 @@ tombstone batch, a sync page) goes through :meth:`merge_records`,
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from itertools import chain
+from typing import Iterable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -186,10 +187,11 @@ class Holdings:
                 self.journal.states([Record(message_id, b"", None, None, deliveries, None,
                                             held, due)])
 
-    def snapshot(self) -> list[Record | Message]:
-        """Every record held, own accepted messages first (for a sync)."""
-        return [*self.node.accepted_messages(), *self.recovered.values(),
-                *self.store.records()]
+    def snapshot(self) -> tuple[int, Iterator[Record | Message]]:
+        """Every record held, own accepted messages first (for a sync): how
+        many, and them (the copies in runs parsed as they are reached)."""
+        own = [*self.node.accepted_messages(), *self.recovered.values()]
+        return len(own) + self.store.footprint()[0], chain(own, self.store.records())
 
     def take_recovered(self) -> list[Record]:
         """The own messages found while recovering, in id order; cleared."""

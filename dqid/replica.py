@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Container, Iterable, Iterator, Protocol
 
 from .ids import MessageId, format_id, parse_id, to_base36
@@ -191,6 +192,14 @@ class Run:
     def records(self) -> list[Record]:
         return [self.record(seq) for seq in self.live_seqs()]
 
+    def iter_records(self) -> Iterator[Record]:
+        """The records still held, each parsed as it is reached (one that
+        goes meanwhile is skipped)."""
+        first, gone = self.first, self.gone
+        for index in range(len(gone)):
+            if not gone[index]:
+                yield self.record(first + index)
+
 
 class OwnerRuns:
     """One owner's runs: disjoint, sorted by epoch and first seq."""
@@ -270,15 +279,17 @@ class ReplicaStore:
         return sorted({*self._records, *self._runs})
 
     def records(self, owner: str | None = None) -> Iterator[Record]:
-        """The records held (of ``owner``, or of all); those of runs are
-        parsed for the call."""
+        """The records held (of ``owner``, or of all) when called; those of
+        runs are parsed as the iterator reaches them, so a sync's pages
+        never hold them all at once (one acked meanwhile may be left out,
+        one unpacked meanwhile may come twice: a merge does not mind)."""
         owners = [owner] if owner is not None else list({*self._records, *self._runs})
-        found: list[Record] = []
+        held: list[Record] = []
+        runs: list[Run] = []
         for name in owners:
-            found += self._records.get(name, {}).values()
-            for run in self._runs.get(name, ()):
-                found += run.records()
-        return iter(found)
+            held += self._records.get(name, {}).values()
+            runs += self._runs.get(name, ())
+        return chain(held, chain.from_iterable(run.iter_records() for run in runs))
 
     def get(self, message_id: str) -> Record | None:
         """The record held under ``message_id`` (None for any other text).

@@ -160,15 +160,15 @@ class StateTransfer:
 
     def on_sync_start(self) -> dict:
         token = uuid.uuid4().hex
-        snapshot = self.holdings.snapshot()
-        session = SyncSession(iter(snapshot))
+        total, snapshot = self.holdings.snapshot()
+        session = SyncSession(snapshot)
         self._sessions[token] = session
         self._touch_session(token, session)
         return {
             "token": token,
             "tombstones": encode_tombstones(self.holdings.store.tombstones),
             "epochs": encode_epochs(self.holdings.epochs()),
-            "total": len(snapshot),
+            "total": total,
         }
 
     def on_sync_page(self, token: str) -> dict:

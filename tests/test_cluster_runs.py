@@ -12,6 +12,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 
 from dqid.node import PushItem
+from dqid.wire import decode_records
 
 from .helpers import successResultOf
 from .test_cluster_amp import _replace_a, got, ids_in_queue, make, nets  # noqa: F401
@@ -42,6 +43,22 @@ def test_a_batch_push_is_held_as_a_run_by_every_replica(make):
         records = sorted(replica.cluster.store.records("a"), key=lambda r: ids.index(r.id))
         assert [(r.id, r.body, r.content_type) for r in records] == [
             (message_id, b"job%d" % i, "text/plain") for i, message_id in enumerate(ids)]
+
+
+def test_a_sync_pages_through_copies_held_as_runs(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    ids = push_batch(net, a)
+    transfer = b.cluster.transfer
+    start = transfer.on_sync_start()
+    assert start["total"] == COUNT  # b owns nothing: its copies of a's
+    paged: list[str] = []
+    more = True
+    while more:
+        page = transfer.on_sync_page(start["token"])
+        paged += [r.id for r in decode_records(page["records"])]
+        more = page["more"]
+    assert sorted(paged) == sorted(ids)
 
 
 def test_states_and_acks_reach_copies_held_as_a_run(make):

@@ -400,6 +400,18 @@ def test_a_run_keeps_states_only_where_the_owner_says_something_new():
     assert not store.set_state(ids[9], 1, True, None)
 
 
+def test_the_records_of_a_run_are_parsed_as_they_are_reached():
+    # A sync pages through every copy: they are not all made at once, and
+    # one acked on the way is left out.
+    store = ReplicaStore()
+    store.add_run(run_of(("a", 1, 40)))
+    records = store.records()
+    first = next(records)
+    store.tombstone(format_id("a", RUN_EPOCH, 2))
+    assert [r.id for r in [first, *records]] == [
+        format_id("a", RUN_EPOCH, seq) for seq in range(1, 41) if seq != 2]
+
+
 def test_a_replayed_run_adds_nothing_and_a_later_one_only_what_is_new():
     store = ReplicaStore()
     assert store.add_run(run_of(("a", 1, 40))) == 40
