@@ -11,12 +11,16 @@ import time
 from benchmarks.findings import Findings
 from benchmarks.load import run_phase
 from benchmarks.servers import Fleet, stats
+from dqid.timings import DEFAULT_TIMINGS
 from tests.procs import DqidProcess, rss_bytes
 
 RECOVERY_FILL_BATCH = 1000  # messages per POST /push/batch filling the recovery cluster
 RSS_FILL_BATCH = 1000  # messages per POST /push/batch filling the RSS nodes
 REPLICA_RSS_BODY = 100  # body bytes of the messages whose replica copies are measured
 SETTLE = 0.3  # seconds a node is left alone before its RSS is read
+# Long enough for every node to pull each peer's whole state again
+# (anti-entropy) after a fill: what copies cost from then on.
+ANTI_ENTROPY_WAIT = DEFAULT_TIMINGS.anti_entropy_interval + 5.0
 
 
 def recover(findings: Findings, fleet: Fleet, args: argparse.Namespace) -> dict:
@@ -193,7 +197,8 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
     """RSS growth of peers b and c of a fresh 3-node cluster (min-copies 3)
     while they hold copies of ``--rss-count`` messages pushed to a (by
     POST /push/batch of RSS_FILL_BATCH, or single pushes with ``--rss-fill
-    single``), per copy: the mean over b and c."""
+    single``), per copy: the mean over b and c, once every node has pulled
+    the others' state again (anti-entropy), and right after the fill."""
     n = args.rss_count
     cluster = fleet.cluster("rss-replica", n + 1000)
     try:
@@ -224,6 +229,8 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
         except AssertionError as error:
             findings.note(f"rss per replica copy: {error}: they hold {held}")
         time.sleep(SETTLE)
+        filled = {p: rss_bytes(node.pid) for p, node in peers.items()}
+        time.sleep(ANTI_ENTROPY_WAIT)
         after = {p: rss_bytes(node.pid) for p, node in peers.items()}
         a_after = rss_bytes(a.pid)
         depth = stats(a)["depth"]
@@ -234,12 +241,16 @@ def rss_per_replica_copy(findings: Findings, fleet: Fleet, args: argparse.Namesp
     if depth != n:
         findings.note(f"rss per replica copy: a's depth {depth} after filling {n}")
     per_peer = {p: (after[p] - before[p]) / max(held[p], 1) for p in peers}
+    when_filled = {p: (filled[p] - before[p]) / max(held[p], 1) for p in peers}
     return {
         "body_bytes": body_size,
         "messages": n,
         "held": held,
         "rss_before": before,
         "rss_after": after,
+        "anti_entropy_wait": ANTI_ENTROPY_WAIT,
+        # Right after the fill, before the peers pulled each other's state.
+        "bytes_per_copy_when_filled": sum(when_filled.values()) / len(when_filled),
         "bytes_per_copy_by_peer": per_peer,
         "bytes_per_copy": sum(per_peer.values()) / len(per_peer),
         "owner_rss_before": a_before,

@@ -220,8 +220,10 @@ def footprint(findings: Findings, args: argparse.Namespace) -> list[str]:
             for p, per in copies["bytes_per_copy_by_peer"].items())
         lines += [
             f"RSS per replica copy (peers b and c holding a's {copies['messages']} messages of "
-            f"{copies['body_bytes']} B, pushed by {fill}): {copies['bytes_per_copy']:.0f} B/copy "
-            f"({copies['bytes_per_copy'] - copies['body_bytes']:.0f} B over the body)",
+            f"{copies['body_bytes']} B, pushed by {fill}), {copies['anti_entropy_wait']:.0f} s "
+            f"after the fill (an anti-entropy pass): {copies['bytes_per_copy']:.0f} B/copy "
+            f"({copies['bytes_per_copy'] - copies['body_bytes']:.0f} B over the body); "
+            f"right after the fill {copies['bytes_per_copy_when_filled']:.0f} B/copy",
             f"  {per_peer}; owner a: {copies['owner_bytes_per_message']:.0f} B/message",
         ]
     return lines
