@@ -505,9 +505,9 @@ class QueueNode:
     def ack_many(self, message_ids: Sequence[str]) -> Deferred:
         """Ack a batch of messages of any owner: fires with, per id, True
         (acked) or False (unknown: nobody here knows it, or an earlier id
-        of the batch acked it); fails, once all are done, with an error
-        other than that.  The cluster takes the peers' messages together,
-        so the acks for one owner settle as one."""
+        of the batch acked it); fails with the first error other than that
+        (the other acks still take effect).  The cluster takes the peers'
+        messages together, so the acks for one owner settle as one."""
         acked: list[bool] = []
         waits: list[Deferred] = []
         elsewhere: list[tuple[str, MessageId]] = []
