@@ -192,10 +192,11 @@ class Run:
     def records(self) -> list[Record]:
         return [self.record(seq) for seq in self.live_seqs()]
 
-    def iter_records(self) -> Iterator[Record]:
-        """The records still held, each parsed as it is reached (one that
-        goes meanwhile is skipped)."""
-        first, gone = self.first, self.gone
+    def iter_records(self, gone: bytes) -> Iterator[Record]:
+        """The records held when ``gone`` was copied from :attr:`gone`,
+        each parsed as it is reached (the run keeps their bytes even after
+        they go)."""
+        first = self.first
         for index in range(len(gone)):
             if not gone[index]:
                 yield self.record(first + index)
@@ -279,17 +280,18 @@ class ReplicaStore:
         return sorted({*self._records, *self._runs})
 
     def records(self, owner: str | None = None) -> Iterator[Record]:
-        """The records held (of ``owner``, or of all) when called; those of
-        runs are parsed as the iterator reaches them, so a sync's pages
-        never hold them all at once (one acked meanwhile may be left out,
-        one unpacked meanwhile may come twice: a merge does not mind)."""
+        """The records held (of ``owner``, or of all) when called, even if
+        they change or go while the iterator runs (a sync must not miss a
+        copy a peek took out of its run meanwhile); those of runs are
+        parsed as the iterator reaches them, so a sync's pages never hold
+        them all at once."""
         owners = [owner] if owner is not None else list({*self._records, *self._runs})
         held: list[Record] = []
-        runs: list[Run] = []
+        runs: list[tuple[Run, bytes]] = []
         for name in owners:
             held += self._records.get(name, {}).values()
-            runs += self._runs.get(name, ())
-        return chain(held, chain.from_iterable(run.iter_records() for run in runs))
+            runs += [(run, bytes(run.gone)) for run in self._runs.get(name, ())]
+        return chain(held, chain.from_iterable(run.iter_records(gone) for run, gone in runs))
 
     def get(self, message_id: str) -> Record | None:
         """The record held under ``message_id`` (None for any other text).
