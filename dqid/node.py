@@ -134,6 +134,18 @@ def first_error(failure: Failure) -> Failure:
     return failure.value.subFailure
 
 
+def acked_at(_: object, answers: list[bool], position: int) -> None:
+    """An ack of a batch took effect: answer True at ``position``."""
+    answers[position] = True
+
+
+def unknown_at(failure: Failure, answers: list[bool], position: int) -> None:
+    """An ack of a batch found no such message: answer False at ``position``
+    (any other failure goes on)."""
+    failure.trap(UnknownMessage)
+    answers[position] = False
+
+
 class QueueNode:
     log = Logger()
 
@@ -489,6 +501,48 @@ class QueueNode:
         """Ack a message of any owner: None when done at once (a message
         of this node's queue), else a Deferred (the cluster forwards the
         ack to the owner or writes a tombstone)."""
+        target = self._ack_here(message_id)
+        if isinstance(target, MessageId):
+            assert self.remote is not None  # (only then is the id returned)
+            return self.remote.ack(message_id, target)
+        return target
+
+    def ack_many(self, message_ids: Sequence[str]) -> Deferred:
+        """Ack a batch of messages of any owner: fires with, per id, True
+        (acked) or False (unknown: nobody here knows it, or an earlier id
+        of the batch acked it); fails with the first error other than that
+        (the other acks still take effect).  The cluster takes the peers'
+        messages together, so the acks for one owner settle as one."""
+        acked = [False] * len(message_ids)
+        waits: list[Deferred] = []
+        elsewhere: list[tuple[str, MessageId]] = []
+        positions: list[int] = []
+        for position, message_id in enumerate(message_ids):
+            target = self._ack_here(message_id)
+            if target is None:
+                acked[position] = True
+            elif isinstance(target, MessageId):
+                positions.append(position)
+                elsewhere.append((message_id, target))
+            else:
+                waits.append(target.addCallbacks(
+                    acked_at, unknown_at, callbackArgs=(acked, position),
+                    errbackArgs=(acked, position)))
+        if elsewhere and self.remote is not None:
+            def answered(answers: list[bool]) -> None:
+                for position, answer in zip(positions, answers):
+                    acked[position] = answer
+            waits.append(self.remote.ack_many(elsewhere).addCallback(answered))
+        if not waits:
+            return succeed(acked)
+        return gatherResults(waits, consumeErrors=True).addCallbacks(
+            lambda _: acked, first_error)
+
+    def _ack_here(self, message_id: str) -> Deferred | MessageId | None:
+        """Ack ``message_id`` if this node's queue holds it (None, or a
+        Deferred for the tombstone's disk write); else its parsed id, for
+        the cluster to ack; else a failed Deferred (UnknownMessage,
+        NotReady)."""
         message = self.queue.get(message_id)  # our queue holds our ids only
         if message is not None and message.state != PENDING and not self.readiness.fenced:
             return self.ack_own(message_id)
@@ -500,45 +554,7 @@ class QueueNode:
             return fail(NotReady(self.readiness.refusal() or "fenced"))
         if self.remote is None:  # a pending message, or none: not ackable
             return fail(UnknownMessage(message_id))
-        return self.remote.ack(message_id, mid)
-
-    def ack_many(self, message_ids: Sequence[str]) -> Deferred:
-        """Ack a batch of messages of any owner: fires with, per id, True
-        (acked) or False (unknown: nobody here knows it, or an earlier id
-        of the batch acked it); fails with the first error other than that
-        (the other acks still take effect).  The cluster takes the peers'
-        messages together, so the acks for one owner settle as one."""
-        acked: list[bool] = []
-        waits: list[Deferred] = []
-        elsewhere: list[tuple[str, MessageId]] = []
-        positions: list[int] = []
-        for message_id in message_ids:
-            message = self.queue.get(message_id)
-            if message is not None and message.state != PENDING and not self.readiness.fenced:
-                written = self.ack_own(message_id)
-                if written is not None:
-                    waits.append(written)
-                acked.append(True)
-                continue
-            acked.append(False)
-            try:
-                mid = parse_id(message_id)
-            except ValueError:
-                continue
-            if mid.node == self.node_id and self.readiness.fenced:
-                waits.append(fail(NotReady(self.readiness.refusal() or "fenced")))
-            elif self.remote is not None:
-                positions.append(len(acked) - 1)
-                elsewhere.append((message_id, mid))
-        if elsewhere and self.remote is not None:
-            def answered(answers: list[bool]) -> None:
-                for position, answer in zip(positions, answers):
-                    acked[position] = answer
-            waits.append(self.remote.ack_many(elsewhere).addCallback(answered))
-        if not waits:
-            return succeed(acked)
-        return gatherResults(waits, consumeErrors=True).addCallbacks(
-            lambda _: acked, first_error)
+        return mid
 
     def ack_own(self, message_id: str) -> Deferred | None:
         """Ack a message of this node's queue and tell the holders: None,

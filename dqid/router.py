@@ -23,7 +23,7 @@ from .holdings import Holdings
 from .idempotency import IdempotencyConflict
 from .ids import MessageId, parse_id
 from .links import Links
-from .node import LeaseChange, first_error
+from .node import LeaseChange, acked_at, first_error, unknown_at
 from .peers import Link, Peer
 from .queue import LeaseLost, Message, NotHeld, NotLeased, UnknownMessage
 from .readiness import Readiness
@@ -75,15 +75,6 @@ class OwnerAcks:
     owner: Peer
     tombstones: Tombstones = field(default_factory=Tombstones)
     positions: list[int] = field(default_factory=list)  # in the batch
-
-
-def _answer(_: object, answers: list[bool], position: int) -> None:
-    answers[position] = True
-
-
-def _unknown(failure: Failure, answers: list[bool], position: int) -> None:
-    failure.trap(UnknownMessage)
-    answers[position] = False
 
 
 class Router:
@@ -158,7 +149,7 @@ class Router:
                         group.positions.append(position)
                     continue  # (a repeat in the batch: unknown, as one by one)
             waits.append(self.ack(message_id, mid).addCallbacks(
-                _answer, _unknown, callbackArgs=(answers, position),
+                acked_at, unknown_at, callbackArgs=(answers, position),
                 errbackArgs=(answers, position)))
         for group in riding.values():
             for position in group.positions:
