@@ -191,7 +191,9 @@ class Holdings:
         """Every record held, own accepted messages first (for a sync): how
         many, and them (the copies in runs parsed as they are reached)."""
         own = [*self.node.accepted_messages(), *self.recovered.values()]
-        return len(own) + self.store.footprint()[0], chain(own, self.store.records())
+        store = self.store
+        count = len(own) + sum(store.held(owner) for owner in store.owners())
+        return count, chain(own, store.records())
 
     def take_recovered(self) -> list[Record]:
         """The own messages found while recovering, in id order; cleared."""

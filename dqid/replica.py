@@ -190,9 +190,9 @@ class Run:
         return [first + index for index, gone in enumerate(self.gone) if not gone]
 
     def records(self) -> list[Record]:
-        return [self.record(seq) for seq in self.live_seqs()]
+        return list(self.iter_records(self.gone))
 
-    def iter_records(self, gone: bytes) -> Iterator[Record]:
+    def iter_records(self, gone: bytes | bytearray) -> Iterator[Record]:
         """The records held when ``gone`` was copied from :attr:`gone`,
         each parsed as it is reached (the run keeps their bytes even after
         they go)."""

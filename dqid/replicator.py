@@ -113,10 +113,9 @@ class Replicator:
         self._turn_ends: IDelayedCall | None = None
         self._batch: Batch | None = None
         # States wait (each message once): changed in this half linger,
-        # in the one before, and due to go with the next box.
+        # and in the one before (they go at the next tick).
         self._states: dict[str, Message] = {}
         self._states_aging: dict[str, Message] = {}
-        self._states_due: list[Message] = []
         self._states_tick: IDelayedCall | None = None
         self._states_tick_at = 0.0  # when the tick is (or was) due
         self._tombstones: Tombstones | None = None
@@ -214,9 +213,9 @@ class Replicator:
         since age a half."""
         self._states_tick = None
         due, self._states_aging, self._states = self._states_aging, self._states, {}
-        self._states_due = [m for m in due.values() if m.state != GONE]
-        if self._states_due:
-            self.flush()
+        states = [m for m in due.values() if m.state != GONE]
+        if states:
+            self.flush(states)
         if self._states_aging:
             self._tick_states_later()
 
@@ -224,10 +223,11 @@ class Replicator:
         if self._turn_ends is None:
             self._turn_ends = self.clock.callLater(0, self.flush)
 
-    def flush(self) -> None:
-        """Send what this turn changed, now: one Stream box per linked
-        peer (every peer with a link, even one whose heartbeat is late:
-        what misses a peer is only restored by anti-entropy)."""
+    def flush(self, states: Sequence[Message] = ()) -> None:
+        """Send what this turn changed, and ``states`` (those due), now:
+        one Stream box per linked peer (every peer with a link, even one
+        whose heartbeat is late: what misses a peer is only restored by
+        anti-entropy)."""
         if self._turn_ends is not None:
             if self._turn_ends.active():
                 self._turn_ends.cancel()
@@ -238,7 +238,6 @@ class Replicator:
             if reason is not None:
                 self._fail_batch(batch, reason)  # its tombstones go below
                 batch = None
-        states, self._states_due = self._states_due, []
         tombstones, self._tombstones = self._tombstones, None
         states_payload = encode_states(states) if states else None
         tombstones_payload = encode_tombstones(tombstones) if tombstones else None
