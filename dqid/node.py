@@ -317,8 +317,8 @@ class QueueNode:
     def _accept(self, messages: list[Message]) -> Deferred | None:
         """Replicate pending ``messages`` (and write them to disk), then
         make them ready: None when that is done at once (no replication, no
-        disk), else a Deferred that fires then (or fails with
-        NotReplicated, NotReady or CancelledError)."""
+        disk), else a Deferred that fires then (or fails with NotReplicated
+        or NotReady); cancelling it leaves them to be settled all the same."""
         if self.remote is None and self.journal is None:
             self._commit(messages)
             return None
@@ -334,10 +334,16 @@ class QueueNode:
                 waits, consumeErrors=True).addErrback(first_error)
         except BaseException as reason:
             self._not_accepted(reason, messages)
-        return waiting.addCallbacks(
+        settled = waiting.addCallbacks(
             self._replicated, self._not_accepted,
             callbackArgs=(messages,), errbackArgs=(messages,),
         )
+        # The client's answer: cancelling it (the client left) must not stop
+        # the push half way, its copies held by peers and no tombstone sent;
+        # it is accepted or withdrawn as if the client had stayed.
+        answer: Deferred = Deferred()
+        settled.chainDeferred(answer)
+        return answer
 
     def _replicated(self, _: object, messages: list[Message]) -> None:
         for message in messages:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol
@@ -247,6 +247,51 @@ def test_no_push_is_answered_before_enough_replicas_hold_it(make, wire):
         successResultOf(d)
     # When each push was answered, both replicas held it.
     assert held_then == [[(True, True)]] * 3
+    wire.check()
+
+
+@pytest.mark.parametrize("key", [None, "k1"])
+def test_a_push_whose_client_left_is_still_accepted_once_copied(make, wire, key):
+    # The web layer cancels a push's Deferred when its client hangs up.
+    # The push goes on: its copies are on the replicas already, so the
+    # owner must not drop it (with no tombstone, the replicas would keep
+    # a copy the owner does not have, delivered again after a take-over).
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")
+    left = a.push(b"client left", key=key)
+    net.settle()
+    assert b.held("a") == 1
+    left.cancel()
+    failureResultOf(left, CancelledError)
+    net.resume("a", "c")
+    net.settle()
+    assert a.node.queue.depth == 1
+    assert b.held("a") == c.held("a") == 1
+    (message,) = got(net, a)
+    assert message.body == b"client left"
+    if key is not None:  # a retry under the key answers that push
+        again = a.push(b"client left", key=key)
+        net.settle()
+        answer = successResultOf(again)
+        assert answer.ids == [message.id] and answer.created is False
+    wire.check()
+
+
+def test_a_push_whose_client_left_and_that_fails_is_withdrawn_everywhere(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("a", "c")
+    left = a.push(b"client left")
+    net.settle()
+    assert b.held("a") == 1
+    left.cancel()
+    failureResultOf(left, CancelledError)
+    lose_bytes_in_flight(net, "a", "c")
+    net.cut("a", "c")  # the push cannot get its third copy
+    net.settle()
+    assert a.node.queue.depth == 0 and a.node.queue.pending == 0
+    assert b.held("a") == c.held("a") == 0  # its tombstone reached B
     wire.check()
 
 
