@@ -206,7 +206,8 @@ class Stream(amp.Command):
     answered; see :mod:`dqid.stream`): its new records; the states of its
     own messages that changed (``wire.encode_states``); tombstones of any
     owner.  A box with records, or with acks of the callee's messages that
-    the callee must confirm, is numbered ``seq`` on this link, and the
+    the callee must confirm, or with tombstones now and then (to learn that
+    the boxes before it arrived), is numbered ``seq`` on this link, and the
     callee acknowledges it with ``Copied``.  ``epoch`` is the caller's
     serving epoch."""
 

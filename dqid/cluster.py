@@ -152,6 +152,7 @@ class Cluster:
     # -- LinkEvents ----------------------------------------------------------
 
     def peer_up(self, peer: Peer) -> None:
+        self.replicator.peer_up(peer)
         self.transfer.start_sync(peer)
 
     def peer_down(self, peer: Peer) -> None:

@@ -17,6 +17,10 @@ changed states of the node's own messages, and tombstones.  Each peer says
   end well within it: their states never travel).
 * An ack of a peer's message rides the turn's box, numbered to that peer
   (its owner), whose Copied confirms it (:meth:`confirm_tombstone`).
+* Tombstones must arrive: a box with tombstones is numbered when its link
+  gave no number for ``TOMBSTONES_CONFIRMED_EVERY``, and those a lost link
+  carried without a Copied after them go again with the next box to that
+  peer (on another link, or once it is back).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .links import Links
 from .peers import Link, Peer
 from .queue import GONE, Message
 from .readiness import Readiness
-from .stream import Acknowledger, Received, Unanswered
+from .stream import Acknowledger, Received, Unanswered, Unconfirmed
 from .timings import Timings
 from .tombstones import Tombstones
 from .wire import (
@@ -47,6 +51,11 @@ from .wire import (
 
 # Numbered Stream boxes to one peer that may wait unacknowledged at once.
 MAX_IN_FLIGHT = 4
+
+# A box with tombstones gets a number (and so a Copied, which shows that the
+# boxes before it arrived) when its link gave none for this long, seconds:
+# a link lost with no Copied since sends at most that much again.
+TOMBSTONES_CONFIRMED_EVERY = 0.1
 
 
 def refusal(error: Exception) -> str:
@@ -90,6 +99,19 @@ class Lane:
     sent: dict[Link, Unanswered[Awaiting]] = field(default_factory=dict)
     backlog: list[Batch] = field(default_factory=list)
     confirmations: list[Deferred] = field(default_factory=list)
+    # Tombstones sent on a link and not known to have arrived; those of a
+    # lost link, to go again with the next box.
+    unconfirmed: dict[Link, Unconfirmed[Tombstones]] = field(default_factory=dict)
+    resend: Tombstones | None = None
+
+    def tombstones_lost(self, unconfirmed: Unconfirmed[Tombstones] | None) -> bool:
+        """What ``unconfirmed`` kept goes again; True if there was any."""
+        lost = unconfirmed.take_all() if unconfirmed is not None else []
+        for tombstones in lost:
+            if self.resend is None:
+                self.resend = Tombstones()
+            self.resend.merge(tombstones)
+        return bool(lost)
 
 
 class Replicator:
@@ -254,15 +276,17 @@ class Replicator:
                     self.timings.replication_timeout, self._fail_batch, batch,
                     "replication timed out")
         for peer in peers:
-            self._send(peer, encoded, states_payload, tombstones_payload)
+            self._send(peer, encoded, states_payload, tombstones, tombstones_payload)
 
     def _send(self, peer: Peer, encoded: dict[tuple[int, ...], bytes],
-              states: bytes | None = None, tombstones: bytes | None = None) -> None:
+              states: bytes | None = None, tombstones: Tombstones | None = None,
+              tombstones_payload: bytes | None = None) -> None:
         """One Stream box to ``peer``: what waits in its lane, unless
         ``MAX_IN_FLIGHT`` numbered boxes are unacknowledged (then it waits,
-        and grows, until one is), and ``states`` and ``tombstones`` (the
-        turn's: a box with acks of the peer's messages is numbered, so that
-        the peer confirms them)."""
+        and grows, until one is), ``states`` and ``tombstones`` (the turn's,
+        encoded as ``tombstones_payload``: a box with acks of the peer's
+        messages is numbered, so that the peer confirms them), and the
+        tombstones a lost link carried to it."""
         lane = self._lanes[peer.node_id]
         confirmations: list[Deferred] = []
         if tombstones is not None:  # the turn's box: its acks go in it
@@ -279,8 +303,8 @@ class Replicator:
                 # The peer acknowledged nothing for that long: no copies there.
                 self._settle_all(stalled.drop_all(), held=False)
         sent = lane.sent.get(link)
-        if sent is None:
-            sent = lane.sent[link] = Unanswered()
+        if sent is None:  # a new link: its first tombstones wait their turn too
+            sent = lane.sent[link] = Unanswered(numbered_at=now)
         records = None
         batches = []
         if lane.backlog and self.in_flight(peer.node_id) < MAX_IN_FLIGHT:
@@ -292,13 +316,25 @@ class Replicator:
                 if records is None:
                     records = encoded[key] = encode_records(
                         [m for b in batches for m in b.messages])
+        if lane.resend is not None:
+            again, lane.resend = lane.resend, None
+            if tombstones is not None:
+                again.merge(tombstones)
+            tombstones, tombstones_payload = again, encode_tombstones(again)
         seq = None
-        if batches or confirmations:
+        if batches or confirmations or (
+                tombstones is not None
+                and now - sent.numbered_at >= TOMBSTONES_CONFIRMED_EVERY):
             seq = sent.send(Awaiting(batches, confirmations), now)
         if records is None and states is None and tombstones is None:
             return
+        if tombstones is not None:
+            # Shown to have arrived by a Copied for this box, or if it has
+            # no number, for the next one.
+            lane.unconfirmed.setdefault(link, Unconfirmed()).keep(
+                tombstones, sent.numbered if seq is not None else sent.numbered + 1)
         self.links.send(link, cmd.Stream, epoch=self.epoch(), seq=seq, records=records,
-                        states=states, tombstones=tombstones)
+                        states=states, tombstones=tombstones_payload)
 
     def on_copied(self, link: Link, upto: int, holder: bool, refused: str | None) -> None:
         """``link``'s peer holds our records numbered up to ``upto`` (or
@@ -312,6 +348,9 @@ class Replicator:
             return  # about a closed link: counted as no copy already
         peer.last_seen = self.links.now()
         settled = sent.acknowledged(upto)
+        unconfirmed = lane.unconfirmed.get(link)
+        if unconfirmed is not None:
+            unconfirmed.acknowledged(upto)
         if refused is not None:
             self._refused(peer, refused)
         for awaiting in settled:
@@ -328,16 +367,27 @@ class Replicator:
         self.failed_call(Failure(error), "stream", peer)
 
     def link_lost(self, link: Link) -> None:
-        """``link`` closed: what waited on it is no copy; its peer side is gone."""
+        """``link`` closed: what waited on it is no copy; its peer side is
+        gone; the tombstones it may not have delivered go again (on
+        another link to the peer if it has one, else once it is back)."""
         self._acknowledgers.pop(link, None)
         self._to_acknowledge.discard(link)
         for lane in self._lanes.values():
             sent = lane.sent.pop(link, None)
             if sent is not None:
                 self._settle_all(sent.drop_all(), held=False)
+            if lane.tombstones_lost(lane.unconfirmed.pop(link, None)):
+                self._end_turn_later()
+
+    def peer_up(self, peer: Peer) -> None:
+        """A link to ``peer`` came up: tombstones that lost links carried
+        to it go now."""
+        if self._lanes[peer.node_id].resend is not None:
+            self._end_turn_later()
 
     def peer_down(self, peer: Peer) -> None:
-        """``peer`` is down: what waited for it will not reach it."""
+        """``peer`` is down: what waited for it will not reach it (but the
+        tombstones its links may not have delivered go once it is back)."""
         lane = self._lanes[peer.node_id]
         waiting = Awaiting(lane.backlog, lane.confirmations)
         lane.backlog, lane.confirmations = [], []
@@ -345,6 +395,9 @@ class Replicator:
         sent, lane.sent = lane.sent, {}
         for unanswered in sent.values():
             self._settle_all(unanswered.drop_all(), held=False)
+        unconfirmed, lane.unconfirmed = lane.unconfirmed, {}
+        for kept in unconfirmed.values():
+            lane.tombstones_lost(kept)
 
     def _settle_all(self, settled: list[Awaiting], held: bool) -> None:
         for awaiting in settled:

@@ -9,8 +9,16 @@ a number before the ones below it are settled.  A link that goes down
 settles nothing more: what waited on it counts as not held (a new link
 numbers from 1 again).
 
-:class:`Unanswered` is the owner's side of one link, :class:`Acknowledger`
-the peer's.  Neither knows a reactor: times are passed in.
+Boxes without a number (an owner's own tombstones, states) are not
+acknowledged one by one, but a link keeps its order: a ``Copied`` for a
+number given after such a box shows that the box arrived too.  What a box
+carried that must reach the peer (tombstones: a withdrawn push must stay
+withdrawn) is kept until then, and handed back if the link is lost first,
+to go again on another link.
+
+:class:`Unanswered` is the owner's side of one link (with
+:class:`Unconfirmed`), :class:`Acknowledger` the peer's.  None knows a
+reactor: times are passed in.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class Unanswered(Generic[T]):
     it is (``item``)."""
 
     numbered: int = 0  # the last number given on this link
+    numbered_at: float = float("-inf")  # when it was given (or the link came)
     _waiting: deque[tuple[int, float, T]] = field(default_factory=deque)
 
     def __len__(self) -> int:
@@ -39,6 +48,7 @@ class Unanswered(Generic[T]):
     def send(self, item: T, now: float) -> int:
         """Number the next box, which settles ``item``."""
         self.numbered += 1
+        self.numbered_at = now
         self._waiting.append((self.numbered, now, item))
         return self.numbered
 
@@ -59,6 +69,35 @@ class Unanswered(Generic[T]):
         on, so a late acknowledgement settles nothing twice."""
         items = [item for _, _, item in self._waiting]
         self._waiting.clear()
+        return items
+
+
+@dataclass(eq=False)
+class Unconfirmed(Generic[T]):
+    """What boxes sent on one link carried that must reach the peer, kept
+    until the link acknowledges a number given with or after their box."""
+
+    _kept: deque[tuple[int, T]] = field(default_factory=deque)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, item: T, confirmed_by: int) -> None:
+        """``item`` went in a box that an acknowledgement of
+        ``confirmed_by`` (or above) shows arrived: its own number, or for a
+        box without one, the next number the link gives."""
+        self._kept.append((confirmed_by, item))
+
+    def acknowledged(self, upto: int) -> None:
+        """The peer acknowledged every number up to ``upto``."""
+        kept = self._kept
+        while kept and kept[0][0] <= upto:
+            kept.popleft()
+
+    def take_all(self) -> list[T]:
+        """Every item not shown to have arrived (the link is lost)."""
+        items = [item for _, item in self._kept]
+        self._kept.clear()
         return items
 
 

@@ -23,7 +23,7 @@ from dqid.amp_protocol import PeerProtocol
 from dqid.errors import NotReady, NotReplicated
 from dqid.ids import format_id
 from dqid.replica import Record
-from dqid.replicator import MAX_IN_FLIGHT, Awaiting
+from dqid.replicator import MAX_IN_FLIGHT, TOMBSTONES_CONFIRMED_EVERY, Awaiting
 from dqid.timings import DEFAULT_TIMINGS
 from dqid.wire import decode_records, encode_records
 
@@ -83,15 +83,19 @@ class Wire:
                 for r in decode_records(e.values["records"])]
 
     def check(self) -> None:
-        """Per connection end: boxes with records numbered 1, 2, 3... (and
-        only they carry a number); every Copied above the one before, and
-        for a box that end had already received."""
+        """Per connection end: boxes numbered 1, 2, 3... (every box with
+        records, and boxes with tombstones to confirm; no other); every
+        Copied above the one before, and for a box that end had already
+        received."""
         ends = {id(e.link): e.link for e in self.events}
         for end in ends.values():
             mine = [e for e in self.events if e.link is end]
             boxes = [e for e in mine if e.kind == "sent" and e.command is cmd.Stream]
             for box in boxes:
-                assert (box.seq is None) == (box.values.get("records") is None), box
+                if box.values.get("records") is not None:
+                    assert box.seq is not None, box
+                elif box.seq is not None:
+                    assert box.values.get("tombstones") is not None, box
             numbers = [box.seq for box in boxes if box.seq is not None]
             assert numbers == list(range(1, len(numbers) + 1)), numbers
             received = 0
@@ -574,6 +578,95 @@ def test_a_closed_link_settles_what_it_carried_as_no_copy(make, wire):
     wire.check()
 
 
+def _withdrawal_lost_on_one_link(net: Net) -> tuple[Deferred, Any, Any]:
+    """C holds A's push and has two links to A; B never answers, so the
+    push is withdrawn, and the Stream box with its tombstone is lost with
+    the link A used (C keeps the other one: no peer of A counts as down,
+    so nothing would make C sync): the push, the lost and the kept link."""
+    kept = net.links_between("a", "c")[0]
+    newer = net.connect("c", "a")  # the link A sends to C on from now
+    net.settle()
+    net.pause("a", "b")  # B gets nothing and answers nothing
+    withdrawn = net["a"].push(b"withdrawn")
+    net.settle()
+    assertNoResult(withdrawn)
+    newer.paused = True  # what A sends to C next stays in flight ...
+    lose_bytes_in_flight(net, "a", "b")
+    net.cut("a", "b")  # ... B's link is lost: the push fails, its tombstone goes
+    turn(net)
+    newer.pump.clientIO.getOutBuffer()  # ... and is lost with the link
+    newer.pump.serverIO.getOutBuffer()
+    newer.client.transport.loseConnection()
+    newer.paused = False
+    net.settle()
+    return withdrawn, kept, newer
+
+
+def test_a_tombstone_lost_with_a_link_goes_again_on_the_other(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    withdrawn, kept, newer = _withdrawal_lost_on_one_link(net)
+    failureResultOf(withdrawn, NotReplicated)
+    assert newer.closed and not kept.closed
+    assert c.connected("a") and a.connected("c")
+    # The withdrawn push's copy on C went with the tombstone sent again on
+    # the link left, at once: not ten seconds later, with anti-entropy.
+    assert c.held("a") == 0
+    again = [e for e in wire.sent(cmd.Stream, "a", "c")
+             if e.link in (kept.client, kept.server)
+             and e.values["tombstones"] is not None]
+    assert len(again) == 1
+    wire.check()
+
+
+def test_a_tombstone_a_lost_link_carried_goes_again_once_the_peer_is_back(make, wire):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    withdrawn, kept, newer = _withdrawal_lost_on_one_link(net)
+    failureResultOf(withdrawn, NotReplicated)
+    # As above, but C's other link is lost too before A could send again:
+    # the tombstone waits for C, and goes on the first link back.
+    net.cut("c")
+    assert not a.connected("c")
+    assert a.cluster.replicator._lanes["c"].resend is not None
+    net.connect("c", "a")
+    net.settle()
+    assert a.connected("c")
+    assert a.cluster.replicator._lanes["c"].resend is None
+    (back,) = net.links_between("a", "c")
+    again = [e for e in wire.sent(cmd.Stream, "a", "c")
+             if e.link in (back.client, back.server) and e.values["tombstones"] is not None]
+    assert len(again) == 1
+    assert c.held("a") == 0
+    wire.check()
+
+
+def test_tombstones_kept_for_a_link_are_forgotten_as_its_copied_come(make, wire):
+    # An owner acking its own messages sends tombstones only (no number
+    # needed): every TOMBSTONES_CONFIRMED_EVERY one box gets a number and a
+    # Copied, so what is kept in case the link is lost stays small.
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a, b"m%d" % i) for i in range(40)]
+    assert take_all(net, a) == ids
+    replicator = a.cluster.replicator
+    kept_most = 0
+    for message_id in ids:
+        successResultOf(a.ack(message_id))
+        net.advance(0.02)
+        kept_most = max(kept_most, *(len(u) for lane in replicator._lanes.values()
+                                     for u in lane.unconfirmed.values()))
+    assert b.held("a") == c.held("a") == 0
+    every = TOMBSTONES_CONFIRMED_EVERY
+    assert kept_most <= every / 0.02 + 2
+    for peer in "bc":
+        numbered = [e for e in wire.sent(cmd.Stream, "a", peer) if e.seq is not None
+                    and e.values["records"] is None]
+        assert len(numbered) == pytest.approx(40 * 0.02 / every, abs=2)
+        assert wire.copied(peer, "a")[-1]["upto"] == numbered[-1].seq
+    wire.check()
+
+
 # -- a peer that never acknowledges -------------------------------------------
 
 
@@ -615,7 +708,13 @@ def test_silent_peer_fails_pushes_at_the_timeout_then_its_lane_is_freed(
     later_id = successResultOf(later).ids[0]
     assert holds(b, later_id) and holds(c, later_id)
     assert a.cluster.replicator.in_flight("c") == 0
-    assert wire.numbered("a", "c") == list(range(1, MAX_IN_FLIGHT + 2))
+    # Between the timed-out boxes and the later push, the box with the
+    # tombstones that withdrew them was numbered too (nothing was for 2 s),
+    # so that C says it has them.
+    assert wire.numbered("a", "c") == [*range(1, MAX_IN_FLIGHT + 1), MAX_IN_FLIGHT + 2]
+    (withdrawal,) = [e for e in wire.sent(cmd.Stream, "a", "c")
+                     if e.seq == MAX_IN_FLIGHT + 1]
+    assert withdrawal.values["tombstones"] and withdrawal.values["records"] is None
     assert take_all(net, a) == [later_id]
     wire.check()
 

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine, invariant, precondition, rule,
 )
 
-from dqid.stream import Acknowledger, Received, Unanswered
+from dqid.stream import Acknowledger, Received, Unanswered, Unconfirmed
 from dqid.wire import WireError
 
 REFUSALS = ("BAD_INPUT", "STALE_EPOCH", "NOT_HOLDER", "DISK")
@@ -70,6 +70,46 @@ def test_drop_all_gives_every_waiting_item_and_numbering_goes_on():
     assert sent.acknowledged(2) == []
     assert len(sent) == 1 and sent.oldest_sent() == 4.0
     assert sent.acknowledged(4) == ["d"]
+
+
+# -- Unconfirmed: what unnumbered boxes carried -------------------------------
+
+
+def test_unconfirmed_keeps_until_a_number_given_with_or_after_the_box():
+    sent, kept = Unanswered(), Unconfirmed()
+    kept.keep("t1", sent.numbered + 1)  # no number: the next one shows it
+    seq = sent.send("push", 1.0)
+    kept.keep("t2", seq)  # in the numbered box itself
+    kept.keep("t3", sent.numbered + 1)  # after it, and nothing numbered since
+    assert len(kept) == 3
+    kept.acknowledged(0)
+    assert len(kept) == 3
+    kept.acknowledged(seq)
+    assert kept.take_all() == ["t3"]  # a Copied for 1 says nothing of t3
+    assert len(kept) == 0 and kept.take_all() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), max_size=30), st.data())
+def test_unconfirmed_hands_back_every_box_a_lost_link_did_not_deliver(numbered, data):
+    # Boxes go on a link in order, some numbered; the peer gets a prefix of
+    # them (the rest is lost with the link) and acknowledges the last number
+    # it got.  Every item of a box not delivered must be handed back, and
+    # none of a box that the acknowledgement shows arrived.
+    sent, kept = Unanswered(), Unconfirmed()
+    numbers = []
+    for index, has_number in enumerate(numbered):
+        seq = sent.send(index, float(index)) if has_number else None
+        kept.keep(index, seq if seq is not None else sent.numbered + 1)
+        numbers.append(seq)
+    delivered = data.draw(st.integers(0, len(numbered)), label="delivered")
+    got = [n for n in numbers[:delivered] if n is not None]
+    if got and data.draw(st.booleans(), label="acknowledged"):
+        kept.acknowledged(got[-1])
+        shown = numbers.index(got[-1]) + 1  # boxes up to the acknowledged one
+    else:
+        shown = 0
+    assert kept.take_all() == list(range(shown, len(numbered)))
 
 
 # -- Acknowledger: the peer's side -------------------------------------------
