@@ -56,6 +56,9 @@ class Workload:
         self.batches_created = 0  # batch pushes answered 201
         self.answered_204: set[str] = set()  # tokens whose ack was answered 204
         self.held_tokens: list[str] = []  # found held at the end (settle_held)
+        # Set while a fault may undo withdrawals: a 503 then counts as
+        # indeterminate (see refusals_unsure).
+        self._refusals_unsure = threading.Event()
 
     # -- running -------------------------------------------------------------
 
@@ -89,6 +92,19 @@ class Workload:
         deadline = time.monotonic() + (timeout or self.config.max_seconds)
         while not self.producers_done() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def refusals_unsure(self, unsure: bool) -> None:
+        """From now on (until called with False), a push refused with 503
+        is indeterminate, not refused: for a fault that can undo its
+        withdrawal (every node with the tombstone lost at once while the
+        one with the copy is cut off: the README's "not promised")."""
+        if unsure:
+            self._refusals_unsure.set()
+        else:
+            self._refusals_unsure.clear()
+
+    def _refused(self) -> str:
+        return "indeterminate" if self._refusals_unsure.is_set() else "refused"
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,7 +175,7 @@ class Workload:
                 self.checker.pushed(token, "ok", json.loads(reply[2])["id"])
                 return
             else:
-                self.checker.pushed(token, "refused")
+                self.checker.pushed(token, self._refused())
             if not self.config.idempotency_keys:
                 return  # without a key a retry could queue it twice
             time.sleep(0.05 + rng.random() * 0.2)
@@ -183,7 +199,7 @@ class Workload:
             with self._lock:
                 self.batches_created += 1
         else:
-            outcomes, ids = ["refused"] * len(tokens), [None] * len(tokens)
+            outcomes, ids = [self._refused()] * len(tokens), [None] * len(tokens)
         for token, outcome, message_id in zip(tokens, outcomes, ids):
             if message_id is None:
                 self.checker.pushed(token, outcome)
