@@ -339,6 +339,37 @@ def test_paused_node_is_fenced_after_its_replacement_took_over(pool, seed, soak)
     assert old.http("GET", "/stats").json()["ready_to_serve"] is False
 
 
+def test_pushes_whose_clients_hang_up_are_kept_or_withdrawn_everywhere(
+        pool, seed, soak) -> None:
+    """Clients that give up on a push (0.4 s) and hang up while a replica
+    is stalled: each push must still end as if its client had waited,
+    accepted once copied or withdrawn everywhere.  An owner that dropped
+    such a push with no tombstone left copies on its peers that it did not
+    have (the nodes never agree again), and a retry under the key queued
+    the message a second time."""
+    rng = random.Random(seed)
+    cluster = LocalCluster(pool).start()
+    workload = Workload(
+        cluster.http_ports(),
+        WorkloadConfig(seed=seed, messages=300 if soak else 120, request_timeout=0.4,
+                       push_retries=30, push_interval=0.02, max_seconds=90,
+                       crash_rate=0.0),
+    ).start()
+    for _ in range(4 if soak else 2):
+        time.sleep(rng.uniform(0.1, 0.4))
+        victim = cluster[rng.choice(cluster.ids)]
+        victim.signal(signal.SIGSTOP)  # shorter than replication_timeout
+        time.sleep(rng.uniform(0.5, 1.2))
+        victim.signal(signal.SIGCONT)
+    workload.wait_produced()
+    assert workload.push_timeouts > 0, "no client hung up: the scenario tested nothing"
+    print(f"\n[hang-ups seed={seed}] {workload.push_timeouts} pushes whose client hung up, "
+          "retried with their Idempotency-Key")
+    workload.config.request_timeout = 8.0  # drain calmly
+    report = finish("hang-ups", cluster, workload)
+    assert report.queued_twice == 0, report.summary()
+
+
 def test_idempotent_retries_through_the_proxy_after_timeouts(pool, proxies, seed, soak) -> None:
     rng = random.Random(seed)
     binary = require_tool("haproxy")
