@@ -323,7 +323,8 @@ class QueueNode:
             self._commit(messages)
             return None
         for message in messages:
-            self._outcomes[message.id] = []
+            if message.key is not None:  # a later push under it may wait on it
+                self._outcomes[message.id] = []
         try:
             waits = []
             if self.journal is not None:
@@ -346,8 +347,9 @@ class QueueNode:
         return answer
 
     def _replicated(self, _: object, messages: list[Message]) -> None:
-        for message in messages:
-            self._settle(message.id, None)
+        if self._outcomes:
+            for message in messages:
+                self._settle(message.id, None)
         self._commit(messages)
 
     def _not_accepted(self, reason: BaseException | Failure, messages: list[Message]) -> NoReturn:

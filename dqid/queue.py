@@ -360,11 +360,9 @@ class WorkQueue:
         if len(self._messages) + len(entries) > self.size:
             self.counters.rejected_full += len(entries)
             raise QueueFull(f"queue holds {len(self._messages)} of {self.size}")
-        seen: set[str] = set()
-        for message_id, *_rest in entries:
-            if message_id in self._messages or message_id in seen:
-                raise ValueError(f"duplicate message id {message_id!r}")
-            seen.add(message_id)
+        ids = [entry[0] for entry in entries]
+        if len(set(ids)) != len(ids) or not self._messages.keys().isdisjoint(ids):
+            raise ValueError("duplicate message id")
         return [self.reserve(*entry) for entry in entries]
 
     def commit(self, message_id: str, due: float | None = None, *,

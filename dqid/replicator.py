@@ -315,7 +315,8 @@ class Replicator:
                 records = encoded.get(key)
                 if records is None:
                     records = encoded[key] = encode_records(
-                        [m for b in batches for m in b.messages])
+                        batches[0].messages if len(batches) == 1
+                        else [m for b in batches for m in b.messages])
         if lane.resend is not None:
             again, lane.resend = lane.resend, None
             if tombstones is not None:
