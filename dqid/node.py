@@ -31,7 +31,7 @@ from . import __version__
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
 from .ids import MessageId, parse_id, to_base36
-from .queue import DELAYED, PENDING, Message, UnknownMessage, WorkQueue
+from .queue import PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
 from .replica import Record
 
@@ -367,13 +367,7 @@ class QueueNode:
         return self.clock.seconds() + delay if delay else None
 
     def _commit(self, messages: list[Message]) -> None:
-        commit = self.queue.commit
-        now = self.clock.seconds()
-        delayed = False
-        for message in messages:
-            if commit(message.id, now=now).state == DELAYED:
-                delayed = True
-        if delayed:
+        if self.queue.commit_many(messages, now=self.clock.seconds()):
             self._schedule_wakeup()
         if self._long_polls:
             self._feed_long_polls()

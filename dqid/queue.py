@@ -22,7 +22,7 @@ import heapq
 import secrets
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 PENDING = 0
 READY = 1
@@ -384,6 +384,23 @@ class WorkQueue:
         else:
             self._delay(message, due)
         return message
+
+    def commit_many(self, messages: Sequence[Message], now: float | None = None) -> bool:
+        """Commit pending ``messages`` (reserved here), as :meth:`commit`
+        each with its reserved due time; True if one of them is delayed."""
+        if self._pending_due:  # some were reserved with a due time
+            return any([self.commit(m.id, now=now).state == DELAYED for m in messages])
+        held = self._messages
+        for message in messages:
+            if message.state != PENDING or held.get(message.id) is not message:
+                raise UnknownMessage(message.id)
+        entered = self._stamped(now)
+        self._pending -= len(messages)
+        self.counters.pushed += len(messages)
+        make_ready = self._make_ready
+        for message in messages:
+            make_ready(message, entered)
+        return False
 
     def withdraw(self, message_id: str) -> Message:
         """A pending message was not accepted: free its slot."""

@@ -281,6 +281,35 @@ def test_reserve_many_with_a_duplicate_id_reserves_nothing():
     assert sizes(queue) == (1, 0, 1, 0)
 
 
+def test_commit_many_is_commit_of_each():
+    queue = WorkQueue(6)
+    messages = queue.reserve_many([("a", b"1", None, None), ("b", b"2", None, None)])
+    queue.push("c", b"3")  # pushed after them, committed before them
+    assert queue.commit_many(messages, now=5.0) is False  # none delayed
+    assert sizes(queue) == (3, 0, 3, 0)
+    assert queue.counters.pushed == 3
+    assert queue.oldest_ready_since() == 5.0  # a's enqueue time
+    assert drain(queue) == ["a", "b", "c"]  # in the order reserved
+
+
+def test_commit_many_with_due_times_delays_those_reserved_with_one():
+    queue = WorkQueue(4)
+    messages = queue.reserve_many([("a", b"", None, None, 50.0), ("b", b"", None, None)])
+    assert queue.commit_many(messages, now=1.0) is True
+    assert queue.get("a").state == DELAYED and queue.get("b").state == READY
+    assert drain(queue, now=1.0) == ["b"]
+
+
+def test_commit_many_of_a_message_not_pending_commits_nothing():
+    queue = WorkQueue(4)
+    messages = queue.reserve_many([("a", b"", None, None), ("b", b"", None, None)])
+    queue.withdraw("b")
+    with pytest.raises(UnknownMessage):
+        queue.commit_many(messages)
+    assert sizes(queue) == (1, 1, 0, 0)
+    assert queue.get("a").state == PENDING
+
+
 def test_reserve_many_of_nothing_is_a_no_op():
     queue = filled(1, "a")
     assert queue.reserve_many([]) == []
