@@ -296,6 +296,7 @@ class Cluster:
     # -- heartbeats ----------------------------------------------------------
 
     def _beat(self) -> None:
+        self.holdings.store.unpack_sparse_runs()
         now = self.links.now()
         for peer in self.peers.values():
             link = peer.link()

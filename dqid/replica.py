@@ -256,6 +256,9 @@ class OwnerRuns:
         runs.insert(at, run)
         return True
 
+    def __contains__(self, run: Run) -> bool:
+        return any(kept is run for kept in self._runs)
+
     def remove(self, run: Run) -> None:
         at = self._runs.index(run)
         del self._keys[at], self._runs[at]
@@ -267,6 +270,8 @@ class ReplicaStore:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, Record]] = {}
         self._runs: dict[str, OwnerRuns] = {}  # none is empty
+        # Runs that went under a quarter live, to unpack (unpack_sparse_runs).
+        self._sparse: set[Run] = set()
         self.tombstones = Tombstones()
         self.epochs: dict[str, int] = {}
 
@@ -424,9 +429,9 @@ class ReplicaStore:
         self.tombstones.merge(other)
         keys = []
         for (owner, epoch), ranges in other.items():
-            # Runs first: one unpacked here leaves Records for the next step.
+            # Runs first (their records have no keys), then single Records.
             runs = self._runs.get(owner)
-            if runs is not None:  # (their records have no keys)
+            if runs is not None:
                 for start, end in ranges.ranges():
                     for run in runs.within(epoch, start, end):
                         self._run_dropped(run, [(start, end)])
@@ -475,23 +480,47 @@ class ReplicaStore:
 
     def _run_dropped(self, run: Run, ranges: list[tuple[int, int]]) -> None:
         """Let ``run`` go of the seqs in ``ranges``; an empty run is
-        forgotten, one less than a quarter live is unpacked (its live records
-        become Records, its bytes are freed: a few long-lived messages never
-        keep much more than their own size)."""
+        forgotten, one less than a quarter live is noted, to be unpacked
+        by :meth:`unpack_sparse_runs` unless it empties first."""
         dropped = 0
         for start, end in ranges:
             dropped += run.drop(start, end)
-        if not dropped or (run.live and run.live * 4 >= len(run)):
-            return  # (a run a quarter live or more is kept as it is)
+        if not dropped:
+            return
+        if not run.live:
+            self._forget_run(run)
+        elif run.live * 4 < len(run):
+            self._sparse.add(run)
+
+    def unpack_sparse_runs(self) -> int:
+        """Unpack the runs still held that are less than a quarter live:
+        their live records become Records and their bytes are freed, so a
+        few long-lived messages never keep much more than their own size.
+        (Not at once when acks make a run sparse: while a queue drains, the
+        rest of the run is usually acked soon after, and unpacking it first
+        would cost more than the memory it frees for that while.)  How many
+        records that unpacked."""
+        sparse, self._sparse = self._sparse, set()
+        unpacked = 0
+        for run in sparse:
+            if run.live and run.live * 4 < len(run) and self._forget_run(run):
+                by_id = self._records.setdefault(run.owner, {})
+                for record in run.records():
+                    by_id[record.id] = record
+                unpacked += run.live
+        return unpacked
+
+    def _forget_run(self, run: Run) -> bool:
+        """Stop holding ``run`` (its records go with it); False if it was
+        not held (taken out already)."""
         owner = run.owner
-        runs = self._runs[owner]
+        runs = self._runs.get(owner)
+        if runs is None or run not in runs:
+            return False
         runs.remove(run)
         if not runs:
             del self._runs[owner]
-        if run.live:
-            by_id = self._records.setdefault(owner, {})
-            for record in run.records():
-                by_id[record.id] = record
+        return True
 
     def _drop(self, owner: str, message_id: str) -> Record | None:
         by_id = self._records.get(owner)

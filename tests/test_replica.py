@@ -73,6 +73,7 @@ op = st.one_of(
     st.tuples(st.just("tombstone"), keys),
     st.tuples(st.just("merge_tombstones"), st.lists(keys, max_size=6)),
     st.tuples(st.just("note_epoch"), st.tuples(st.sampled_from(OWNERS), st.integers(0, 5))),
+    st.tuples(st.just("unpack_sparse_runs"), st.none()),
 )
 ops = st.lists(op, max_size=30)
 # What owners say of copies: not part of the merge properties below (a merge
@@ -145,6 +146,11 @@ def apply(store: ReplicaStore, model: Model, op) -> None:
             record(k).key for k in set(arg)
             if mid(k) in live_before and record(k).key is not None)
         model.gone |= {mid(k) for k in arg}
+    elif kind == "unpack_sparse_runs":
+        # Only how copies are kept changes, never which (check() says so).
+        live_before = store.live_ids()
+        store.unpack_sparse_runs()
+        assert store.live_ids() == live_before
     else:
         owner, epoch = arg
         assert store.note_epoch(owner, epoch) == max(epoch, model.epochs.get(owner, 0))
@@ -450,17 +456,40 @@ def test_acks_empty_a_run_and_a_sparse_run_is_unpacked():
     acked.add_range("a", RUN_EPOCH, 0, 160)  # 40 of 200 left: 1 in 5
     assert store.merge_tombstones(acked) == []
     assert store.held("a") == 40
+    assert "a" in store._runs  # not at once: the rest may be acked soon
+    assert store.unpack_sparse_runs() == 40
     assert "a" not in store._runs  # unpacked: its bytes are freed
     assert sorted(store._records["a"]) == sorted(
         format_id("a", RUN_EPOCH, s) for s in range(160, 200))
+    assert store.held("a") == 40
+    assert store.unpack_sparse_runs() == 0
     # Acked one by one: kept as a run while a quarter of it or more is live.
     for seq in range(30):
         assert store.holds(format_id("b", RUN_EPOCH, seq))
         assert store.tombstone(format_id("b", RUN_EPOCH, seq)) is None  # no key
         assert not store.holds(format_id("b", RUN_EPOCH, seq))
         assert store.held("b") == 29 - seq
-        assert ("b" in store._runs) == (seq < 22)  # 8 of 30 live: kept
+        if seq == 22:  # 7 of 30 live: unpacked when it is time
+            assert store.unpack_sparse_runs() == 7
+        assert ("b" in store._runs) == (seq < 22)
     assert store.owners() == ["a"] and "b" not in store._runs
+
+
+def test_a_sparse_run_emptied_or_taken_before_its_unpacking_is_not_unpacked():
+    store = ReplicaStore()
+    store.add_run(run_of(("a", 0, 100)))
+    store.add_run(run_of(("b", 0, 100)))
+    acked = Tombstones()
+    acked.add_range("a", RUN_EPOCH, 0, 90)
+    acked.add_range("b", RUN_EPOCH, 0, 90)
+    store.merge_tombstones(acked)
+    rest = Tombstones()
+    rest.add_range("a", RUN_EPOCH, 90, 100)  # a queue draining: the rest goes
+    store.merge_tombstones(rest)
+    taken = store.take_owner("b")  # a take-over takes b's copies
+    assert len(taken) == 10
+    assert store.unpack_sparse_runs() == 0
+    assert store.owners() == [] and store.held("a") == store.held("b") == 0
 
 
 def test_take_owner_and_records_parse_a_run():
