@@ -152,6 +152,15 @@ def lose_bytes_in_flight(net: Net, a: str, b: str) -> None:
         link.pump.serverIO.getOutBuffer()
 
 
+def lose_link(link) -> None:
+    """``link`` is reset: what it carries and has not delivered is lost,
+    and both ends see it close."""
+    link.pump.clientIO.getOutBuffer()
+    link.pump.serverIO.getOutBuffer()
+    link.client.transport.loseConnection()
+    link.paused = False
+
+
 def holds(member, message_id: str) -> bool:
     return member.cluster.store.get(message_id) is not None
 
@@ -563,10 +572,7 @@ def test_a_closed_link_settles_what_it_carried_as_no_copy(make, wire):
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
     lost, old_link, newer = _a_push_waits_on_an_older_link(net)
-    old_link.pump.clientIO.getOutBuffer()  # its bytes in flight are lost ...
-    old_link.pump.serverIO.getOutBuffer()
-    old_link.client.transport.loseConnection()  # ... and it closes
-    old_link.paused = False
+    lose_link(old_link)  # its bytes in flight are lost, and it closes
     net.settle()
     failureResultOf(lost, NotReplicated)  # no copy on C counted, once
     assert c.held("a") == 0
@@ -594,10 +600,7 @@ def _withdrawal_lost_on_one_link(net: Net) -> tuple[Deferred, Any, Any]:
     lose_bytes_in_flight(net, "a", "b")
     net.cut("a", "b")  # ... B's link is lost: the push fails, its tombstone goes
     turn(net)
-    newer.pump.clientIO.getOutBuffer()  # ... and is lost with the link
-    newer.pump.serverIO.getOutBuffer()
-    newer.client.transport.loseConnection()
-    newer.paused = False
+    lose_link(newer)  # ... and is lost with the link
     net.settle()
     return withdrawn, kept, newer
 

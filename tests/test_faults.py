@@ -339,6 +339,27 @@ def test_paused_node_is_fenced_after_its_replacement_took_over(pool, seed, soak)
     assert old.http("GET", "/stats").json()["ready_to_serve"] is False
 
 
+def impatient_workload(ports: list[int], seed: int, messages: int) -> Workload:
+    """Producers that give up on a request after 0.4 s and retry a push
+    (with its Idempotency-Key) up to 30 times; workers that never crash."""
+    return Workload(
+        ports,
+        WorkloadConfig(seed=seed, messages=messages, request_timeout=0.4, push_retries=30,
+                       push_interval=0.02, max_seconds=90, crash_rate=0.0),
+    ).start()
+
+
+def stall_nodes_now_and_then(cluster: LocalCluster, rng: random.Random, soak: bool) -> None:
+    """Pause a node (SIGSTOP) for 0.5 to 1.2 s, shorter than
+    replication_timeout, a few times."""
+    for _ in range(4 if soak else 2):
+        time.sleep(rng.uniform(0.1, 0.4))
+        victim = cluster[rng.choice(cluster.ids)]
+        victim.signal(signal.SIGSTOP)
+        time.sleep(rng.uniform(0.5, 1.2))
+        victim.signal(signal.SIGCONT)
+
+
 def test_pushes_whose_clients_hang_up_are_kept_or_withdrawn_everywhere(
         pool, seed, soak) -> None:
     """Clients that give up on a push (0.4 s) and hang up while a replica
@@ -347,20 +368,9 @@ def test_pushes_whose_clients_hang_up_are_kept_or_withdrawn_everywhere(
     such a push with no tombstone left copies on its peers that it did not
     have (the nodes never agree again), and a retry under the key queued
     the message a second time."""
-    rng = random.Random(seed)
     cluster = LocalCluster(pool).start()
-    workload = Workload(
-        cluster.http_ports(),
-        WorkloadConfig(seed=seed, messages=300 if soak else 120, request_timeout=0.4,
-                       push_retries=30, push_interval=0.02, max_seconds=90,
-                       crash_rate=0.0),
-    ).start()
-    for _ in range(4 if soak else 2):
-        time.sleep(rng.uniform(0.1, 0.4))
-        victim = cluster[rng.choice(cluster.ids)]
-        victim.signal(signal.SIGSTOP)  # shorter than replication_timeout
-        time.sleep(rng.uniform(0.5, 1.2))
-        victim.signal(signal.SIGCONT)
+    workload = impatient_workload(cluster.http_ports(), seed, 300 if soak else 120)
+    stall_nodes_now_and_then(cluster, random.Random(seed), soak)
     workload.wait_produced()
     assert workload.push_timeouts > 0, "no client hung up: the scenario tested nothing"
     print(f"\n[hang-ups seed={seed}] {workload.push_timeouts} pushes whose client hung up, "
@@ -371,26 +381,14 @@ def test_pushes_whose_clients_hang_up_are_kept_or_withdrawn_everywhere(
 
 
 def test_idempotent_retries_through_the_proxy_after_timeouts(pool, proxies, seed, soak) -> None:
-    rng = random.Random(seed)
     binary = require_tool("haproxy")
     cluster = LocalCluster(pool).start()
     from .procs import free_port
 
     proxy = proxies.start("haproxy", free_port(), cluster.http_ports(), binary)
-    workload = Workload(
-        [proxy.port],
-        WorkloadConfig(seed=seed, messages=400 if soak else 150, request_timeout=0.4,
-                       push_retries=30, push_interval=0.02, max_seconds=90,
-                       crash_rate=0.0),
-    ).start()
-    # Stall a node now and then: pushes time out at the client, which
-    # retries with the same Idempotency-Key.
-    for _ in range(4 if soak else 2):
-        time.sleep(rng.uniform(0.1, 0.4))
-        victim = cluster[rng.choice(cluster.ids)]
-        victim.signal(signal.SIGSTOP)
-        time.sleep(rng.uniform(0.5, 1.2))
-        victim.signal(signal.SIGCONT)
+    workload = impatient_workload([proxy.port], seed, 400 if soak else 150)
+    # Pushes time out at the client, which retries with the same key.
+    stall_nodes_now_and_then(cluster, random.Random(seed), soak)
     workload.wait_produced()
     assert workload.push_timeouts > 0, "no push timed out: the scenario tested nothing"
     print(f"\n[idempotent-retries seed={seed}] {workload.push_timeouts} pushes timed out "
