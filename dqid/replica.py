@@ -256,10 +256,8 @@ class OwnerRuns:
         runs.insert(at, run)
         return True
 
-    def __contains__(self, run: Run) -> bool:
-        return any(kept is run for kept in self._runs)
-
     def remove(self, run: Run) -> None:
+        """Stop keeping ``run``; ValueError if it is not kept."""
         at = self._runs.index(run)
         del self._keys[at], self._runs[at]
         if self._last is run:
@@ -515,9 +513,12 @@ class ReplicaStore:
         not held (taken out already)."""
         owner = run.owner
         runs = self._runs.get(owner)
-        if runs is None or run not in runs:
+        if runs is None:
             return False
-        runs.remove(run)
+        try:
+            runs.remove(run)
+        except ValueError:
+            return False
         if not runs:
             del self._runs[owner]
         return True
