@@ -530,6 +530,15 @@ def test_reconnected_link_numbers_from_one_and_old_copied_settles_nothing(make, 
     wire.check()
 
 
+def _c_dials_a_too(net: Net) -> tuple[Any, Any]:
+    """C dials A while their first link lives (A sends to C on the newer
+    link from then on): the older link and the newer."""
+    (older,) = net.links_between("a", "c")
+    newer = net.connect("c", "a")
+    net.settle()
+    return older, newer
+
+
 def _a_push_waits_on_an_older_link(net: Net) -> tuple[Deferred, Any, Any]:
     """A's push waits for C on their link, then C dials A too (A sends to
     C on the newer link from then on): the push, the old and new links."""
@@ -537,9 +546,7 @@ def _a_push_waits_on_an_older_link(net: Net) -> tuple[Deferred, Any, Any]:
     waiting = net["a"].push(b"on the old link")
     net.settle()
     assertNoResult(waiting)
-    (old_link,) = net.links_between("a", "c")
-    newer = net.connect("c", "a")
-    net.settle()
+    old_link, newer = _c_dials_a_too(net)
     return waiting, old_link, newer
 
 
@@ -589,9 +596,7 @@ def _withdrawal_lost_on_one_link(net: Net) -> tuple[Deferred, Any, Any]:
     push is withdrawn, and the Stream box with its tombstone is lost with
     the link A used (C keeps the other one: no peer of A counts as down,
     so nothing would make C sync): the push, the lost and the kept link."""
-    kept = net.links_between("a", "c")[0]
-    newer = net.connect("c", "a")  # the link A sends to C on from now
-    net.settle()
+    kept, newer = _c_dials_a_too(net)
     net.pause("a", "b")  # B gets nothing and answers nothing
     withdrawn = net["a"].push(b"withdrawn")
     net.settle()
