@@ -120,7 +120,8 @@ class NotHolder(Exception):
 
 
 class KeyConflict(Exception):
-    """The Idempotency-Key was first used with another body."""
+    """The Idempotency-Key was first used with another body; its
+    description is the id first pushed under the key."""
 
 
 class UnknownSync(Exception):

@@ -96,7 +96,7 @@ class Handlers(Protocol):
 
     def on_held_list(self, count: int) -> bytes: ...
 
-    def on_key_lookup(self, key: str, digest: bytes) -> Deferred: ...
+    def on_key_lookup(self, asker: str, key: str, digest: bytes) -> Deferred: ...
 
     def on_take(self, count: int, visibility: float) -> dict: ...
 
@@ -445,8 +445,7 @@ class PeerProtocol(amp.AMP):
 
     @cmd.KeyLookup.responder
     def key_lookup(self, key: str, digest: bytes) -> Any:
-        self._from_peer()
-        return self.handlers.on_key_lookup(key, digest)
+        return self.handlers.on_key_lookup(self._from_peer(), key, digest)
 
     @cmd.Take.responder
     def take(self, count: int, visibility: float) -> dict:

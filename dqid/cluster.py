@@ -118,6 +118,9 @@ class Cluster:
     async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
         return await self.router.confirm_key(key, digest, first)
 
+    def find_key(self, key: str, digest: bytes) -> Deferred:
+        return self.router.find_key(key, digest)
+
     async def take(self, count: int, visibility: float) -> list[Record]:
         return await self.router.take(count, visibility)
 
@@ -158,6 +161,7 @@ class Cluster:
     def peer_down(self, peer: Peer) -> None:
         self.replicator.peer_down(peer)
         self.transfer.peer_down(peer)
+        self.router.peer_down(peer)
 
     def _work_arrived(self) -> None:
         self.router.feed_long_polls()
@@ -354,8 +358,8 @@ class Cluster:
     def on_held_list(self, count: int) -> bytes:
         return self.router.on_held_list(count)
 
-    def on_key_lookup(self, key: str, digest: bytes) -> Deferred:
-        return self.router.on_key_lookup(key, digest)
+    def on_key_lookup(self, asker: str, key: str, digest: bytes) -> Deferred:
+        return self.router.on_key_lookup(asker, key, digest)
 
     def on_take(self, count: int, visibility: float) -> dict:
         return self.router.on_take(count, visibility)

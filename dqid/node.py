@@ -49,6 +49,9 @@ class Remote(Protocol):
     async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
         """The id the owner of ``first`` accepted under ``key``, or None."""
 
+    def find_key(self, key: str, digest: bytes) -> Deferred:
+        """The id a peer accepted under ``key`` (unknown here), or None."""
+
     async def take(self, count: int, visibility: float) -> list[Record]:
         """Lease up to ``count`` messages from a peer with ready work."""
 
@@ -119,6 +122,14 @@ class LeaseChange:
 
 
 @dataclass(eq=False)
+class KeyAsk:
+    """An Idempotency-Key this node is asking its peers about."""
+
+    waiters: list[Deferred] = field(default_factory=list)  # until it is over
+    yielded: bool = False  # to a peer with a lower id that asked meanwhile
+
+
+@dataclass(eq=False)
 class LongPoll:
     """A parked ``get`` waiting for work."""
 
@@ -176,6 +187,7 @@ class QueueNode:
         self._long_polls: deque[LongPoll] = deque()
         self._timer: IDelayedCall | None = None
         self._outcomes: dict[str, list[Deferred]] = {}
+        self._asking: dict[str, KeyAsk] = {}  # Idempotency-Keys asked of the peers
 
     # -- epochs, ids, recovered messages ------------------------------------
 
@@ -264,19 +276,65 @@ class QueueNode:
 
     async def _push_with_key(self, item: PushItem, idempotency_key: str) -> PushResult:
         digest = body_digest(item.body)
-        now = self.clock.seconds()
-        first = self.idempotency.lookup(idempotency_key, digest, now)
-        if first is not None:
-            first = await self._confirm_first(idempotency_key, digest, first)
+        first = await self._first_under(idempotency_key, digest)
         if first is not None:
             return PushResult([first], created=False)
-        message = self.queue.reserve(self.new_id(), item.body, item.content_type,
-                                     idempotency_key, due=self._due(item.delay))
-        self.idempotency.remember(idempotency_key, digest, message.id)
+        try:
+            message = self.queue.reserve(self.new_id(), item.body, item.content_type,
+                                         idempotency_key, due=self._due(item.delay))
+            self.idempotency.remember(idempotency_key, digest, message.id)
+        finally:
+            self._asked(idempotency_key)  # who waited on the ask finds this push
         waiting = self._accept([message])
         if waiting is not None:
             await waiting
         return PushResult([message.id], created=True)
+
+    async def _first_under(self, key: str, digest: bytes) -> str | None:
+        """The accepted id of an earlier push under ``key``, or None when
+        the key is free.
+
+        A key not known here is asked of every peer (a retry may come here
+        before the first push's copy does).  When that answers None, the
+        key stays marked as asked about until the caller has queued its
+        push and called ``_asked``: meanwhile another push here under the
+        key waits, and so does a peer asking about it whose node id is
+        higher.  One with a lower id is answered None at once, and this
+        node asks again: of two nodes asking at once, the lower one queues."""
+        while True:
+            first = self.idempotency.lookup(key, digest, self.clock.seconds())
+            if first is not None:
+                first = await self._confirm_first(key, digest, first)
+                if first is not None or self.remote is None:
+                    return first
+                continue  # withdrawn, and forgotten here: ask the peers
+            if self.remote is None:
+                return None
+            asking = self._asking.get(key)
+            if asking is None:
+                asking = self._asking[key] = KeyAsk()
+                try:
+                    found = await self.remote.find_key(key, digest)
+                    first = self.idempotency.lookup(key, digest, self.clock.seconds())
+                except BaseException:
+                    self._asked(key)
+                    raise
+                if first is None and found is None and not asking.yielded:
+                    return None  # the key is free: still marked as asked about
+                self._asked(key)
+                if first is None and found is not None:
+                    return found
+            else:
+                waiter: Deferred = Deferred()
+                asking.waiters.append(waiter)
+                await waiter
+
+    def _asked(self, key: str) -> None:
+        """The ask about ``key`` is over (and its push queued, if any)."""
+        asking = self._asking.pop(key, None)
+        if asking is not None:
+            for waiter in asking.waiters:
+                waiter.callback(None)
 
     async def _confirm_first(self, key: str, digest: bytes, first: str) -> str | None:
         """The accepted id of an earlier push under ``key``, or None when
@@ -290,9 +348,18 @@ class QueueNode:
             self.idempotency.discard(key, first)
         return confirmed
 
-    async def own_key(self, key: str, digest: bytes) -> str | None:
-        """For a peer: our accepted id under ``key``; None if there is none.
-        Waits for a push still being replicated."""
+    async def own_key(self, key: str, digest: bytes, asker: str) -> str | None:
+        """For peer ``asker``: our accepted id under ``key``; None if there
+        is none.  Waits for a push still being replicated, and for an ask
+        of ours about the key when ``asker`` yields to us (``_first_under``)."""
+        asking = self._asking.get(key)
+        if asking is not None:
+            if asker < self.node_id:
+                asking.yielded = True  # the asker may queue: ask again
+                return None
+            waiter: Deferred = Deferred()
+            asking.waiters.append(waiter)
+            await waiter
         first = self.idempotency.lookup(key, digest, self.clock.seconds())
         if first is None or parse_id(first).node != self.node_id:
             return None

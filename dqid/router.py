@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,7 +56,7 @@ class Owner(Protocol):
     @property
     def queue(self) -> Any: ...  # the WorkQueue (peek)
 
-    async def own_key(self, key: str, digest: bytes) -> str | None: ...
+    async def own_key(self, key: str, digest: bytes, asker: str) -> str | None: ...
 
     def take_own(self, count: int, visibility: float) -> list[Message]: ...
 
@@ -65,6 +65,15 @@ class Owner(Protocol):
     def claim_long_poll(self) -> Any: ...
 
     def answer_long_poll(self, poll: Any, taken: list[Any]) -> bool: ...
+
+
+@dataclass(eq=False)
+class KeyAsked:
+    """A peer asked whether it accepted a push under an Idempotency-Key."""
+
+    peer_id: str
+    answer: Deferred
+    peer_down: bool = False  # given up on: the peer went down meanwhile
 
 
 @dataclass(eq=False)
@@ -92,6 +101,7 @@ class Router:
         self.failed_call = failed_call
         self._acks_to_send: dict[str, dict[str, list[Deferred]]] = {}
         self._feeding = False
+        self._key_asks: dict[str, set[KeyAsked]] = {}  # per peer, unanswered
 
     def _refuse_unless_serving(self) -> None:
         if not self.node.readiness.serving:
@@ -348,14 +358,59 @@ class Router:
                            f"answer: {error}") from None
         return answer["id"] or None
 
-    def on_key_lookup(self, key: str, digest: bytes) -> Deferred:
+    def find_key(self, key: str, digest: bytes) -> Deferred:
+        """Ask every serving peer whether it accepted a push under ``key``,
+        which this node does not know: the id one of them accepted, or None.
+
+        A peer that is down, or does not answer in time, is passed over
+        (the push goes on here: refusing it would stop keyed pushes while a
+        node is down).  Fails with IdempotencyConflict when a peer holds the
+        key for another body."""
+        timeout = self.timings.replication_timeout + self.timings.call_timeout
+        asked = []
+        for peer in self.links.serving():
+            link = self.links.serving_link(peer)
+            if link is None:
+                continue
+            ask = KeyAsked(peer.node_id, self.links.call(
+                link, cmd.KeyLookup, timeout=timeout, key=key, digest=digest))
+            self._key_asks.setdefault(peer.node_id, set()).add(ask)
+            ask.answer.addBoth(self._key_answered, ask)
+            ask.answer.addCallbacks(lambda answer: answer["id"] or None, self._key_not_found,
+                                    errbackArgs=(key, ask))
+            asked.append(ask.answer)
+        if not asked:
+            return succeed(None)
+        found = gatherResults(asked, consumeErrors=True).addErrback(first_error)
+        return found.addCallback(lambda ids: next((i for i in ids if i is not None), None))
+
+    def _key_answered(self, result: Any, ask: KeyAsked) -> Any:
+        self._key_asks.get(ask.peer_id, set()).discard(ask)
+        return result
+
+    def peer_down(self, peer: Peer) -> None:
+        """Stop waiting for ``peer``'s answers about keys."""
+        for ask in list(self._key_asks.pop(peer.node_id, ())):
+            ask.peer_down = True
+            ask.answer.cancel()
+
+    def _key_not_found(self, failure: Failure, key: str, ask: KeyAsked) -> Failure | None:
+        if failure.check(cmd.KeyConflict):  # described by the peer's id
+            raise IdempotencyConflict(key, str(failure.value))
+        if failure.check(CancelledError) and not ask.peer_down:
+            return failure  # the push itself was cancelled (its client left)
+        self.log.info("{peer} did not say whether it has an Idempotency-Key: {error}",
+                      peer=ask.peer_id, error=failure.getErrorMessage() or failure.type)
+        return None
+
+    def on_key_lookup(self, asker: str, key: str, digest: bytes) -> Deferred:
         self._refuse_unless_serving()
 
         def conflict(failure: Failure) -> None:
             failure.trap(IdempotencyConflict)
-            raise cmd.KeyConflict(key)
+            raise cmd.KeyConflict(failure.value.message_id)  # the description
 
-        d = Deferred.fromCoroutine(self.node.own_key(key, digest))
+        d = Deferred.fromCoroutine(self.node.own_key(key, digest, asker))
         d.addCallbacks(lambda first: {"id": first or ""}, conflict)
         return d
 

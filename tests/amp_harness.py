@@ -203,6 +203,17 @@ class Net:
                 return
         raise AssertionError("the cluster never went quiet")
 
+    def deliver_until(self, condition: Any) -> None:
+        """Deliver bytes on the live, unpaused links, running no call (so
+        no turn ends), until ``condition()`` holds."""
+        for _ in range(100):
+            if condition():
+                return
+            for link in self.links:
+                if not link.paused and not link.closed:
+                    link.pump.pump(advanceClock=False)
+        raise AssertionError("never true")
+
     def advance(self, seconds: float, step: float = STEP) -> None:
         """Let ``seconds`` of clock time pass in small, settled steps."""
         self.settle()

@@ -271,8 +271,11 @@ def test_a_push_whose_client_left_is_still_accepted_once_copied(make, wire, key)
     # a copy the owner does not have, delivered again after a take-over).
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
-    net.pause("a", "c")
     left = a.push(b"client left", key=key)
+    # With a key, A first asks its peers about it: let the answers come,
+    # and stop C before the turn's box goes.
+    net.deliver_until(lambda: a.node.queue.depth == 1)
+    net.pause("a", "c")
     net.settle()
     assert b.held("a") == 1
     left.cancel()
