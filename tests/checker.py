@@ -54,6 +54,7 @@ class Report:
     lost_tokens: list[str] = field(default_factory=list)
     unexpected_tokens: list[str] = field(default_factory=list)
     refused_delivered_tokens: list[str] = field(default_factory=list)
+    queued_twice_tokens: list[str] = field(default_factory=list)  # "token: id id ..."
 
     def ok(self) -> bool:
         return self.lost == 0 and self.unexpected == 0 and self.refused_delivered == 0
@@ -141,7 +142,7 @@ class QueueChecker:
             held = set(self._held)
             deliveries = {t: n for t, n in self._deliveries.items() if t not in held}
             acked = set(self._acked)
-            ids = {t: len(i) for t, i in self._ids.items()}
+            ids = {t: sorted(i) for t, i in self._ids.items()}
         best = Counter(outcome.values())
         report = Report(
             attempted=len(outcome),
@@ -151,7 +152,8 @@ class QueueChecker:
             delivered_unique=len(deliveries),
             deliveries=sum(deliveries.values()),
             duplicated=sum(1 for n in deliveries.values() if n > 1),
-            queued_twice=sum(1 for n in ids.values() if n > 1),
+            queued_twice_tokens=[f"{t}: {' '.join(i)}" for t, i in sorted(ids.items())
+                                 if len(i) > 1],
             recovered=sum(1 for t in deliveries if outcome.get(t) == "indeterminate"),
             not_acked=sum(1 for t in deliveries if t not in acked),
             held=len(held),
@@ -163,4 +165,5 @@ class QueueChecker:
         report.lost = len(report.lost_tokens)
         report.unexpected = len(report.unexpected_tokens)
         report.refused_delivered = len(report.refused_delivered_tokens)
+        report.queued_twice = len(report.queued_twice_tokens)
         return report
