@@ -353,6 +353,8 @@ class Router:
                 key=key, digest=digest)
         except cmd.KeyConflict:
             raise IdempotencyConflict(key, first) from None
+        except CancelledError:
+            raise  # the push itself was cancelled (its client left)
         except Exception as error:
             raise NotReady(f"the node that took the first push with this key did not "
                            f"answer: {error}") from None
