@@ -283,9 +283,11 @@ class QueueNode:
             message = self.queue.reserve(self.new_id(), item.body, item.content_type,
                                          idempotency_key, due=self._due(item.delay))
             self.idempotency.remember(idempotency_key, digest, message.id)
+            waiting = self._accept([message])
         finally:
-            self._asked(idempotency_key)  # who waited on the ask finds this push
-        waiting = self._accept([message])
+            # Who waited on the ask finds this push, and (_accept having
+            # begun) waits for its outcome.
+            self._asked(idempotency_key)
         if waiting is not None:
             await waiting
         return PushResult([message.id], created=True)

@@ -55,6 +55,7 @@ class Report:
     unexpected_tokens: list[str] = field(default_factory=list)
     refused_delivered_tokens: list[str] = field(default_factory=list)
     queued_twice_tokens: list[str] = field(default_factory=list)  # "token: id id ..."
+    lost_answers: list[str] = field(default_factory=list)  # "token: the ids answered"
 
     def ok(self) -> bool:
         return self.lost == 0 and self.unexpected == 0 and self.refused_delivered == 0
@@ -89,6 +90,7 @@ class QueueChecker:
         self._outcome: dict[str, str | None] = {}  # attempted token -> best outcome
         self._deliveries: Counter[str] = Counter()
         self._ids: dict[str, set[str]] = {}
+        self._answered: dict[str, set[str]] = {}  # the ids pushes were answered with
         self._acked: set[str] = set()
         self._held: set[str] = set()
 
@@ -109,6 +111,8 @@ class QueueChecker:
             best = self._outcome[token]
             if best is None or _RANK[outcome] > _RANK[best]:
                 self._outcome[token] = outcome
+            if message_id is not None:
+                self._answered.setdefault(token, set()).add(message_id)
 
     def delivered(self, token: str, message_id: str) -> None:
         """A worker got the message carrying ``token`` (every delivery)."""
@@ -163,6 +167,9 @@ class QueueChecker:
             refused_delivered_tokens=sorted(t for t in deliveries if outcome.get(t) == "refused"),
         )
         report.lost = len(report.lost_tokens)
+        with self._lock:
+            report.lost_answers = [f"{t}: {' '.join(sorted(self._answered.get(t, ())))}"
+                                   for t in report.lost_tokens]
         report.unexpected = len(report.unexpected_tokens)
         report.refused_delivered = len(report.refused_delivered_tokens)
         report.queued_twice = len(report.queued_twice_tokens)

@@ -163,3 +163,22 @@ def test_a_node_that_answered_a_lower_asker_while_asking_asks_again(make):
     net.settle()
     assert successResultOf(late) == first._replace(created=False)
     assert b.node.queue.depth == 0
+
+
+def test_an_ask_held_for_a_push_that_is_then_withdrawn_is_not_answered_its_id(make):
+    # A (lower id) holds B's ask until A's push under the key is queued;
+    # then B must wait for that push's outcome, not take its id at once:
+    # it is withdrawn, and B's client would be told an id never delivered.
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    first = a.push(b"same", key="k1")
+    retry = b.push(b"same", key="k1")
+    net.deliver_until(lambda: a.node.queue.depth == 1)  # A asked, queued
+    net.pause("a", "c")  # A's copy never reaches C
+    net.run_until(lambda: first.called, limit=DEFAULT_TIMINGS.replication_timeout + 1)
+    failureResultOf(first)
+    net.run_until(lambda: retry.called, limit=DEFAULT_TIMINGS.call_timeout)
+    answer = successResultOf(retry)
+    assert answer.created is True and answer.ids[0].startswith("b.")
+    assert a.node.queue.depth == 0
+    assert [m.id for m in got(net, b, count=10)] == answer.ids
