@@ -18,7 +18,9 @@ from .amp_framing import frame_box
 from .wire import WireError, join_chunks
 
 PROTOCOL_MIN = 3
-PROTOCOL_MAX = 3
+PROTOCOL_MAX = 4
+# Protocol 4: a Stream box may carry its records as a packed run.
+PACKED_RUNS = 4
 
 CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -210,12 +212,14 @@ class Stream(amp.Command):
     the callee must confirm, or with tombstones now and then (to learn that
     the boxes before it arrived), is numbered ``seq`` on this link, and the
     callee acknowledges it with ``Copied``.  ``epoch`` is the caller's
-    serving epoch."""
+    serving epoch.  From protocol 4 (``PACKED_RUNS``) the new records may
+    come as ``run`` instead, one packed run (``wire.encode_run``)."""
 
     arguments = [
         (b"epoch", amp.Integer()),
         (b"seq", amp.Integer(optional=True)),
         (b"records", Chunked(optional=True)),
+        (b"run", Chunked(optional=True)),
         (b"states", Chunked(optional=True)),
         (b"tombstones", Chunked(optional=True)),
     ]

@@ -82,7 +82,7 @@ class Handlers(Protocol):
                      serving: bool) -> dict: ...
 
     def on_stream(self, link: "PeerProtocol", epoch: int, seq: int | None,
-                  records: bytes | None, states: bytes | None,
+                  records: bytes | None, run: bytes | None, states: bytes | None,
                   tombstones: bytes | None) -> None: ...
 
     def on_copied(self, link: "PeerProtocol", upto: int, holder: bool,
@@ -367,7 +367,8 @@ class PeerProtocol(amp.AMP):
         return self.handlers.on_heartbeat(self, epoch, ready, serving)
 
     def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
-               states: bytes | None = None, tombstones: bytes | None = None) -> None:
+               run: bytes | None = None, states: bytes | None = None,
+               tombstones: bytes | None = None) -> None:
         # Unanswered: a bad box is logged and dropped, the link stays.
         if self.peer_id is None:
             self._bad_input(WireError("Stream before Hello"), "Stream")
@@ -379,7 +380,10 @@ class PeerProtocol(amp.AMP):
         except WireError as error:
             self._bad_input(error, "Stream")
             return
-        self.handlers.on_stream(self, epoch, seq, records, states, tombstones)
+        if run is not None and self.version < cmd.PACKED_RUNS:
+            self._bad_input(WireError(f"a packed run in protocol {self.version}"), "Stream")
+            return
+        self.handlers.on_stream(self, epoch, seq, records, run, states, tombstones)
 
     def copied(self, upto: int, holder: bool, refused: str | None = None) -> None:
         if self.peer_id is None:

@@ -340,8 +340,8 @@ class Cluster:
     # -- the rest of the AMP Handlers ---------------------------------------
 
     def on_stream(self, link: Link, epoch: int, seq: int | None, records: bytes | None,
-                  states: bytes | None, tombstones: bytes | None) -> None:
-        self.replicator.on_stream(link, epoch, seq, records, states, tombstones)
+                  run: bytes | None, states: bytes | None, tombstones: bytes | None) -> None:
+        self.replicator.on_stream(link, epoch, seq, records, run, states, tombstones)
 
     def on_copied(self, link: Link, upto: int, holder: bool, refused: str | None) -> None:
         self.replicator.on_copied(link, upto, holder, refused)

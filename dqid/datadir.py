@@ -97,7 +97,7 @@ class Replay:
             own = self.own
             for record in decoded:
                 own.setdefault(record.id, record)
-        elif kind == EntryType.REPLICA_RECORDS:
+        elif kind in (EntryType.REPLICA_RECORDS, EntryType.REPLICA_RUN):
             replicas = self.replicas
             for record in decoded:
                 replicas.setdefault(record.id, record)

@@ -27,7 +27,7 @@ from .idempotency import body_digest
 from .ids import MessageId, parse_id
 from .journal import (
     DELAYED, HELD, READY, Entry, Epochs, MessageState, epochs_entry, own_records,
-    replica_records, states_entry, tombstones_entry,
+    packed_run_entry, replica_records, states_entry, tombstones_entry,
 )
 from .readiness import Phase
 from .replica import MessageLike, Record
@@ -63,6 +63,7 @@ class Durability:
         self._own: list[MessageLike] = []
         self._replicas: list[MessageLike] = []
         self._replica_bytes: list[bytes] = []
+        self._packed_runs: list[bytes] = []
         self._tombstones: Tombstones | None = None
         self._states: dict[str, MessageLike] = {}
         self._epochs: Epochs | None = None
@@ -83,10 +84,11 @@ class Durability:
         self._replicas.extend(records)
         return self._turn()
 
-    def replica_run(self, data: bytes) -> Deferred:
+    def replica_run(self, data: bytes, packed: bool) -> Deferred:
         """Copies of peers' messages held here as a run: its bytes as they
-        arrived (a replay skips what is tombstoned or held by then)."""
-        self._replica_bytes.append(data)
+        arrived, records or a packed run (a replay skips what is
+        tombstoned or held by then)."""
+        (self._packed_runs if packed else self._replica_bytes).append(data)
         return self._turn()
 
     def tombstone(self, mid: MessageId) -> Deferred:
@@ -134,13 +136,14 @@ class Durability:
             entries.append(own_records(self._own))
         if self._replicas or self._replica_bytes:
             entries.append(replica_records(self._replicas, self._replica_bytes))
+        entries += map(packed_run_entry, self._packed_runs)
         if self._tombstones is not None:
             entries.append(tombstones_entry(self._tombstones))
         if self._states:
             entries.append(states_entry(state_of(m) for m in self._states.values()))
         waiters = self._waiters
         self._own, self._replicas, self._states, self._waiters = [], [], {}, []
-        self._replica_bytes = []
+        self._replica_bytes, self._packed_runs = [], []
         self._tombstones = self._epochs = None
         written = self.disk.write(entries)
         written.addCallbacks(self._written, self._write_failed,

@@ -49,7 +49,7 @@ class HoldingsJournal(Protocol):
 
     def replicas(self, records: Iterable[Record]) -> Deferred: ...
 
-    def replica_run(self, data: bytes) -> Deferred: ...
+    def replica_run(self, data: bytes, packed: bool) -> Deferred: ...
 
     def tombstone(self, mid: MessageId) -> Deferred: ...
 
@@ -171,7 +171,7 @@ class Holdings:
         added = self.store.add_run(run)
         written = None
         if added and self.journal is not None:
-            written = self.journal.replica_run(run.data)
+            written = self.journal.replica_run(run.data, run.packed)
         return added, written
 
     def merge_states(self, states: Iterable[tuple[MessageId, str, int, bool, float | None]],

@@ -43,6 +43,27 @@ def to_base36(number: int) -> str:
     return "".join(reversed(groups))
 
 
+# to_base36(n) for every n below 36 ** 2.
+_SMALL = list(_DIGITS) + _PAIRS[36:]
+
+
+def consecutive_ids(prefix: str, first: int, count: int) -> list[str]:
+    """``prefix + to_base36(seq)`` for the ``count`` seqs from ``first``,
+    a block of 1296 at a time (the last two digits from a table)."""
+    ids: list[str] = []
+    seq, end = first, first + count
+    while seq < end:
+        high, low = divmod(seq, 1296)
+        stop = min(end, (high + 1) * 1296)
+        if high:
+            head = prefix + to_base36(high)
+            ids += [head + pair for pair in _PAIRS[low:stop - high * 1296]]
+        else:
+            ids += [prefix + digits for digits in _SMALL[low:stop]]
+        seq = stop
+    return ids
+
+
 class MessageId(NamedTuple):
     node: str
     epoch: int

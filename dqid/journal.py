@@ -51,7 +51,9 @@ from typing import Iterable
 
 from .replica import MessageLike, Record
 from .tombstones import Tombstones
-from .wire import decode_records, decode_tombstones, encode_records, encode_tombstones
+from .wire import (
+    decode_records, decode_run, decode_tombstones, encode_records, encode_tombstones,
+)
 
 MAGIC = b"dqidlog\x01"
 _HEADER = struct.Struct(">8sII")  # magic, salt, first group
@@ -71,6 +73,7 @@ class EntryType(IntEnum):
     TOMBSTONES = 3  # ids gone for good (wire.encode_tombstones)
     STATES = 4  # deliveries / held / due of own messages (encode_states)
     EPOCHS = 5  # the node's id and epoch, and every epoch known (encode_epochs)
+    REPLICA_RUN = 6  # copies held for a peer: a packed run (wire.encode_run)
 
 
 class CorruptLog(Exception):
@@ -174,6 +177,11 @@ def replica_records(records: Iterable[MessageLike], encoded: Iterable[bytes] = (
     return Entry(EntryType.REPLICA_RECORDS, b"".join([encode_records(records), *encoded]))
 
 
+def packed_run_entry(data: bytes) -> Entry:
+    """Copies of a peer's records: a packed run, as it arrived."""
+    return Entry(EntryType.REPLICA_RUN, data)
+
+
 def tombstones_entry(tombstones: Tombstones) -> Entry:
     return Entry(EntryType.TOMBSTONES, encode_tombstones(tombstones))
 
@@ -192,6 +200,8 @@ def decode_payload(entry: Entry) -> list[Record] | Tombstones | list[MessageStat
     kind = entry.type
     if kind in (EntryType.OWN_RECORDS, EntryType.REPLICA_RECORDS):
         return decode_records(entry.payload)
+    if kind == EntryType.REPLICA_RUN:
+        return decode_run(entry.payload).records()
     if kind == EntryType.TOMBSTONES:
         return decode_tombstones(entry.payload)
     if kind == EntryType.STATES:

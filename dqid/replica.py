@@ -119,6 +119,9 @@ class Run:
     content_type: str | None
     # What the owner said since of some (deliveries, held, due), by seq.
     states: dict[int, tuple[int, bool, float | None]] | None = None
+    # How ``data`` is laid out: a packed run (wire.encode_run), else records
+    # (wire.encode_records) as a protocol 3 peer sends them.
+    packed: bool = False
     end: int = field(init=False)  # the seq after the last
     gone: bytearray = field(init=False)
     live: int = field(init=False)  # records still held here

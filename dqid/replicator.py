@@ -35,18 +35,20 @@ from twisted.python.failure import Failure
 
 from . import amp_commands as cmd
 from .errors import NotReady, NotReplicated
+from .batch_encoding import EncodedBatches
 from .holdings import Holdings
 from .ids import parse_id
 from .links import Links
 from .peers import Link, Peer
 from .queue import GONE, Message
 from .readiness import Readiness
+from .replica import Record, Run
 from .stream import Acknowledger, Received, Unanswered, Unconfirmed
 from .timings import Timings
 from .tombstones import Tombstones
 from .wire import (
-    WireError, decode_records, decode_states, decode_tombstones, encode_records,
-    encode_states, encode_tombstones, scan_run,
+    WireError, decode_records, decode_run, decode_states, decode_tombstones, encode_states,
+    encode_tombstones, scan_run,
 )
 
 # Numbered Stream boxes to one peer that may wait unacknowledged at once.
@@ -264,7 +266,7 @@ class Replicator:
         states_payload = encode_states(states) if states else None
         tombstones_payload = encode_tombstones(tombstones) if tombstones else None
         peers = self.links.linked()
-        encoded: dict[tuple[int, ...], bytes] = {}  # records, once per set of batches
+        encoded: dict[tuple[int, ...], EncodedBatches] = {}  # once per set of batches
         if batch is not None and batch.messages:
             batch.targets = len(peers)
             for peer in peers:
@@ -278,7 +280,7 @@ class Replicator:
         for peer in peers:
             self._send(peer, encoded, states_payload, tombstones, tombstones_payload)
 
-    def _send(self, peer: Peer, encoded: dict[tuple[int, ...], bytes],
+    def _send(self, peer: Peer, encoded: dict[tuple[int, ...], EncodedBatches],
               states: bytes | None = None, tombstones: Tombstones | None = None,
               tombstones_payload: bytes | None = None) -> None:
         """One Stream box to ``peer``: what waits in its lane, unless
@@ -305,18 +307,22 @@ class Replicator:
         sent = lane.sent.get(link)
         if sent is None:  # a new link: its first tombstones wait their turn too
             sent = lane.sent[link] = Unanswered(numbered_at=now)
-        records = None
+        records = run = None
         batches = []
         if lane.backlog and self.in_flight(peer.node_id) < MAX_IN_FLIGHT:
             batches = [b for b in lane.backlog if not b.failed]
             lane.backlog = []
             if batches:
                 key = tuple(id(b) for b in batches)
-                records = encoded.get(key)
-                if records is None:
-                    records = encoded[key] = encode_records(
+                payload = encoded.get(key)
+                if payload is None:
+                    payload = encoded[key] = EncodedBatches(
                         batches[0].messages if len(batches) == 1
                         else [m for b in batches for m in b.messages])
+                if link.version >= cmd.PACKED_RUNS:
+                    run = payload.run()
+                if run is None:
+                    records = payload.records()
         if lane.resend is not None:
             again, lane.resend = lane.resend, None
             if tombstones is not None:
@@ -327,7 +333,7 @@ class Replicator:
                 tombstones is not None
                 and now - sent.numbered_at >= TOMBSTONES_CONFIRMED_EVERY):
             seq = sent.send(Awaiting(batches, confirmations), now)
-        if records is None and states is None and tombstones is None:
+        if records is None and run is None and states is None and tombstones is None:
             return
         if tombstones is not None:
             # Shown to have arrived by a Copied for this box, or if it has
@@ -335,7 +341,7 @@ class Replicator:
             lane.unconfirmed.setdefault(link, Unconfirmed()).keep(
                 tombstones, sent.numbered if seq is not None else sent.numbered + 1)
         self.links.send(link, cmd.Stream, epoch=self.epoch(), seq=seq, records=records,
-                        states=states, tombstones=tombstones_payload)
+                        run=run, states=states, tombstones=tombstones_payload)
 
     def on_copied(self, link: Link, upto: int, holder: bool, refused: str | None) -> None:
         """``link``'s peer holds our records numbered up to ``upto`` (or
@@ -448,7 +454,7 @@ class Replicator:
     # -- the peer side -------------------------------------------------------
 
     def on_stream(self, link: Link, epoch: int, seq: int | None, records: bytes | None,
-                  states: bytes | None, tombstones: bytes | None) -> None:
+                  run: bytes | None, states: bytes | None, tombstones: bytes | None) -> None:
         """Take what ``link``'s owner sent: hold its records, apply its
         states, merge the tombstones; a numbered box is acknowledged with
         Copied once its records and tombstones are held (on disk, with
@@ -457,7 +463,10 @@ class Replicator:
         peer = self.links.peers[owner]
         peer.last_seen = self.links.now()
         entry = None
-        if seq is not None and records is None and tombstones is None:
+        if records is not None and run is not None:
+            self._bad_stream(link, "both records and a packed run")
+            records = run = None
+        if seq is not None and records is None and run is None and tombstones is None:
             self._bad_stream(link, "a number without records or tombstones")
         elif seq is not None:
             acknowledger = self._acknowledgers.setdefault(link, Acknowledger())
@@ -465,14 +474,14 @@ class Replicator:
                 entry = acknowledger.receive(seq)
             except WireError as error:
                 self._bad_stream(link, str(error))
-                records = None  # not acknowledgeable: not taken
-        elif records is not None:
+                records = run = None  # not acknowledgeable: not taken
+        elif records is not None or run is not None:
             self._bad_stream(link, "records without a number")
-            records = None
+            records = run = None
         writes: list[Deferred] = []
         refused = None
-        if records is not None:
-            refused = self._hold(link, peer, epoch, records, writes)
+        if records is not None or run is not None:
+            refused = self._hold(link, peer, epoch, records, run, writes)
         if states is not None:
             try:
                 self.holdings.check_epoch(owner, epoch)
@@ -504,15 +513,20 @@ class Replicator:
                 lambda _: self._settled(link, entry, self.readiness.serving),
                 lambda _: self._settled(link, entry, False, cmd.DISK_FAILED))
 
-    def _hold(self, link: Link, peer: Peer, epoch: int, records: bytes,
-              writes: list[Deferred]) -> str | None:
-        """Hold ``peer``'s records (their disk write joins ``writes``);
-        why they were refused, or None."""
+    def _hold(self, link: Link, peer: Peer, epoch: int, records: bytes | None,
+              packed: bytes | None, writes: list[Deferred]) -> str | None:
+        """Hold ``peer``'s records, or its packed run (their disk write
+        joins ``writes``); why they were refused, or None."""
         owner = peer.node_id
         try:
             self.holdings.check_epoch(owner, epoch)
-            run = scan_run(records)  # a turn's fresh pushes: kept as bytes
-            decoded = decode_records(records) if run is None else []
+            if packed is not None:
+                run: Run | None = decode_run(packed)
+                decoded: list[Record] = []
+            else:  # a protocol 3 turn's fresh pushes are kept as bytes too
+                records = records or b""
+                run = scan_run(records)
+                decoded = decode_records(records) if run is None else []
             if (run is not None and run.owner != owner) or any(
                     record.mid.node != owner for record in decoded):
                 raise cmd.NotHolder("replicate your own messages only")

@@ -1,7 +1,9 @@
 """Copies kept as runs (DESIGN.md, "Replication"; :class:`dqid.replica.Run`).
 
 A turn's fresh pushes reach each replica as one Stream box, and the replica
-keeps them as the bytes they came in.  Everything a copy is for must work
+keeps them as the bytes they came in: a packed run from a protocol 4 peer,
+records (scanned into a run) from a protocol 3 one.  Every test runs with
+both.  Everything a copy is for must work
 on them as on any other copy: states from the owner, acks (at the owner and
 through a replica), a peek while the owner is down, and the recovery of a
 replacement.  Over the AMP harness (iosim, a Clock).
@@ -9,15 +11,42 @@ replacement.  Over the AMP harness (iosim, a Clock).
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.defer import Deferred
 
+from dqid import amp_commands as cmd
+from dqid.amp_protocol import PeerProtocol
+from dqid.ids import format_id
 from dqid.node import PushItem
-from dqid.wire import decode_records
+from dqid.wire import decode_records, encode_run
 
 from .helpers import successResultOf
 from .test_cluster_amp import _replace_a, got, ids_in_queue, make, nets  # noqa: F401
 
 COUNT = 40  # more than RUN_MIN_RECORDS
+
+
+@pytest.fixture(autouse=True, params=[cmd.PROTOCOL_MAX, 3], ids=["packed", "protocol-3"])
+def protocol(request, monkeypatch) -> int:
+    """The protocol every node speaks (3: as before packed runs)."""
+    monkeypatch.setattr(cmd, "PROTOCOL_MAX", request.param)
+    return request.param
+
+
+@pytest.fixture
+def boxes(monkeypatch) -> list[dict]:
+    """The records and runs of every Stream box sent."""
+    sent: list[dict] = []
+    send = PeerProtocol.send
+
+    def sending(self, command, **values):
+        if command is cmd.Stream and (values.get("records") or values.get("run")):
+            sent.append({"to": self.peer_id, "version": self.version,
+                         "records": values.get("records"), "run": values.get("run")})
+        return send(self, command, **values)
+
+    monkeypatch.setattr(PeerProtocol, "send", sending)
+    return sent
 
 
 def push_batch(net, member, count: int = COUNT) -> list[str]:
@@ -33,10 +62,15 @@ def kept_as_a_run(member, owner: str) -> bool:
     return owner in store._runs and owner not in store._records
 
 
-def test_a_batch_push_is_held_as_a_run_by_every_replica(make):
+def test_a_batch_push_is_held_as_a_run_by_every_replica(make, protocol, boxes):
     net = make("abc", min_copies=3)
     a, b, c = net.start_all()
     ids = push_batch(net, a)
+    assert sorted(box["to"] for box in boxes) == ["b", "c"]
+    if protocol >= cmd.PACKED_RUNS:
+        assert all(box["run"] and box["records"] is None for box in boxes)
+    else:
+        assert all(box["records"] and box["run"] is None for box in boxes)
     for replica in (b, c):
         assert replica.held("a") == COUNT
         assert kept_as_a_run(replica, "a")
@@ -104,6 +138,35 @@ def test_a_replacement_recovers_every_message_its_peers_hold_as_runs(make):
     assert [m.body for m in got(net, a2, count=3)] == [b"job2", b"job3", b"job4"]
     for replica in (b, c):
         assert replica.held("a") == COUNT - 2
+
+
+@pytest.mark.parametrize("protocol", [cmd.PROTOCOL_MAX], indirect=True, ids=["packed"])
+def test_a_peer_that_speaks_protocol_3_gets_records_the_others_a_run(make, boxes):
+    # A rolling upgrade: B is not upgraded yet.
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    for link in net.links_between("a", "b"):
+        link.client.version = link.server.version = 3
+    ids = push_batch(net, a)
+    assert {box["to"]: (box["records"] is not None, box["run"] is not None)
+            for box in boxes} == {"b": (True, False), "c": (False, True)}
+    for replica in (b, c):
+        assert replica.held("a") == COUNT and kept_as_a_run(replica, "a")
+        assert sorted(r.id for r in replica.cluster.store.records("a")) == sorted(ids)
+
+
+@pytest.mark.parametrize("protocol", [cmd.PROTOCOL_MAX], indirect=True, ids=["packed"])
+def test_a_packed_run_on_a_protocol_3_link_is_refused(make):
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    (link,) = net.links_between("a", "b")
+    link.client.version = link.server.version = 3
+    end = link.client if link.dialler == "a" else link.server
+    end.send(cmd.Stream, epoch=a.node.epoch, seq=1,
+             run=encode_run(format_id("a", a.node.epoch, 500), None, [b"x"] * 20))
+    net.settle()
+    assert b.held("a") == 0
+    assert any("a packed run in protocol 3" in line for line in net.logged())
 
 
 def settled(net, d: Deferred):

@@ -120,12 +120,13 @@ def wire(monkeypatch) -> Wire:
                                      command, dict(values)))
         return send(self, command, **values)
 
-    def receiving(self, epoch, seq=None, records=None, states=None, tombstones=None):
+    def receiving(self, epoch, seq=None, records=None, run=None, states=None,
+                  tombstones=None):
         recorded.events.append(Event(
             "received", self.handlers.me, self, self.peer_id, cmd.Stream,
-            dict(epoch=epoch, seq=seq, records=records, states=states,
+            dict(epoch=epoch, seq=seq, records=records, run=run, states=states,
                  tombstones=tombstones)))
-        return stream(self, epoch, seq, records, states, tombstones)
+        return stream(self, epoch, seq, records, run, states, tombstones)
 
     monkeypatch.setattr(PeerProtocol, "send", sending)
     monkeypatch.setattr(PeerProtocol, "stream", receiving)

@@ -17,7 +17,9 @@ from dqid.datadir import (
     simulate_power_cut, snapshot_entries,
 )
 from dqid.journal import CorruptLog, Epochs, MessageState
+from dqid.ids import format_id
 from dqid.replica import Record
+from dqid.wire import encode_run
 from dqid.tombstones import Tombstones
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +97,27 @@ def test_a_tombstone_wins_whatever_the_order(tmp_path: Path) -> None:
     datadir.append([journal.replica_records([record(7, "b")])])  # a late copy
     datadir.close()
     assert reopen(tmp_path).replicas == {}
+
+
+def test_a_packed_run_replays_as_its_records_less_what_is_tombstoned(tmp_path: Path) -> None:
+    datadir = DataDir.open(str(tmp_path))
+    datadir.append([journal.packed_run_entry(
+        encode_run(format_id("c", 1, 10), "text/plain", [b"r%d" % i for i in range(20)]))])
+    datadir.append([journal.tombstones_entry(tombstones("c", 12, 29))])
+    datadir.close()
+    replicas = reopen(tmp_path).replicas
+    assert sorted(replicas, key=lambda i: int(i.rsplit(".", 1)[1], 36)) == [
+        format_id("c", 1, seq) for seq in range(10, 30) if seq not in (12, 29)]
+    assert (replicas["c.1.b"].body, replicas["c.1.b"].content_type) == (b"r1", "text/plain")
+
+
+def test_a_damaged_packed_run_stops_the_open(tmp_path: Path) -> None:
+    datadir = DataDir.open(str(tmp_path))
+    run = encode_run("c.1.10", None, [b"body"] * 20)
+    datadir.append([journal.Entry(journal.EntryType.REPLICA_RUN, run[:-1])])
+    datadir.close()
+    with pytest.raises(CorruptLog):
+        DataDir.open(str(tmp_path))
 
 
 # -- the lock ------------------------------------------------------------------

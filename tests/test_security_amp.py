@@ -52,7 +52,7 @@ from dqid.timings import DEFAULT_TIMINGS
 from dqid.tombstones import Tombstones
 from dqid.wire import (
     MAX_EPOCH, WireError, decode_records, decode_states, decode_tombstones, encode_records,
-    encode_states, encode_tombstones,
+    encode_run, encode_states, encode_tombstones,
 )
 
 from .mutations import mutated
@@ -219,9 +219,10 @@ class BareAmp(amp.AMP):
 
     @cmd.Stream.responder
     def stream(self, epoch: int, seq: int | None = None, records: bytes | None = None,
-               states: bytes | None = None, tombstones: bytes | None = None) -> dict:
-        self.streams.append(dict(epoch=epoch, seq=seq, records=records, states=states,
-                                 tombstones=tombstones))
+               run: bytes | None = None, states: bytes | None = None,
+               tombstones: bytes | None = None) -> dict:
+        self.streams.append(dict(epoch=epoch, seq=seq, records=records, run=run,
+                                 states=states, tombstones=tombstones))
         return {}
 
     @cmd.Copied.responder
@@ -1307,6 +1308,12 @@ def a_records(*numbers: int, epoch: int = 1) -> bytes:
                            for number in numbers])
 
 
+def a_run(first: int, count: int, epoch: int = 1) -> bytes:
+    """A packed run of a's messages ``a.<epoch>.<first>`` on."""
+    return encode_run(format_id("a", epoch, first), None,
+                      [b"copy %d" % n for n in range(first, first + count)])
+
+
 def stream_refusals() -> list[Any]:
     """(what a sends, one Stream box after another; the Copied b says for
     the last; the warning b logs for it, or None)."""
@@ -1334,6 +1341,17 @@ def stream_refusals() -> list[Any]:
                      id="negative-number"),
         pytest.param([dict(seq=MAX_EPOCH + 1, records=a_records(1))], None, "not a count",
                      id="number-out-of-range"),
+        pytest.param([dict(seq=1, run=b"\x01 not a packed run")],
+                     copied(1, False, "BAD_INPUT"), "packed run", id="bad-run"),
+        pytest.param([dict(seq=1, run=a_run(1, 20)[:-1])],
+                     copied(1, False, "BAD_INPUT"), "do not add up", id="truncated-run"),
+        pytest.param([dict(seq=1, run=encode_run("c.1.7", None, [b"c's"] * 20))],
+                     copied(1, False, "NOT_HOLDER"), None, id="another-owners-run"),
+        pytest.param([dict(seq=1, run=encode_run("b.1.1", None, [b"b's"] * 20))],
+                     copied(1, False, "NOT_HOLDER"), None, id="a-run-of-the-listeners-ids"),
+        pytest.param([dict(seq=1, records=a_records(1), run=a_run(2, 20))], None,
+                     "both records and a packed run", id="records-and-run"),
+        pytest.param([dict(run=a_run(1, 20))], None, "", id="run-without-number"),
     ]
 
 

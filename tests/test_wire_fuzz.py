@@ -36,9 +36,11 @@ from dqid.wire import (
     checked_seconds,
     decode_epochs,
     decode_records,
+    decode_run,
     decode_tombstones,
     encode_epochs,
     encode_records,
+    encode_run,
     encode_tombstones,
     join_chunks,
     scan_run,
@@ -185,6 +187,83 @@ def test_fresh_consecutive_pushes_are_a_run(batch):
     assert scan_run(bytearray(data), min_records=1) is not None
     assert (scan_run(data, min_records=len(batch)) is not None
             and scan_run(data, min_records=len(batch) + 1) is None)
+
+
+# -- packed runs (protocol 4) ---------------------------------------------------
+
+
+def packed(batch: list[Record]) -> bytes:
+    return encode_run(batch[0].id, batch[0].content_type, [r.body for r in batch])
+
+
+def decode_run_or_error(data: bytes) -> None:
+    """A packed run is accepted only as the exact encoding of records dqid
+    could mint; anything else is a WireError of one line."""
+    try:
+        run = decode_run(data)
+    except WireError as error:
+        assert "\n" not in str(error)
+        return
+    records = run.records()
+    assert len(records) == len(run) >= 1
+    assert all(parse_id(r.id) == (run.owner, run.epoch, run.first + i)
+               for i, r in enumerate(records))
+    assert all(type(r.body) is bytes for r in records)
+    assert encode_run(records[0].id, run.content_type, [r.body for r in records]) == data
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+@example(b"\x01\x05\x00\xff\xff\xff\xff\xff\xffa.1.1")
+def test_arbitrary_bytes_decode_to_a_packed_run_or_wire_error(data):
+    decode_run_or_error(data)
+
+
+@FUZZ
+@given(mutations_of(fresh_runs().filter(lambda b: parse_id_or_none(b[-1].id)), packed))
+def test_mutated_packed_runs_decode_exactly_or_wire_error(data):
+    decode_run_or_error(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fresh_runs().filter(lambda b: parse_id_or_none(b[-1].id)))
+def test_fresh_consecutive_pushes_round_trip_as_a_packed_run(batch):
+    data = packed(batch)
+    run = decode_run(data)
+    assert [fields(r) for r in run.records()] == [fields(r) for r in batch]
+    again = decode_run(bytearray(data))
+    assert run.packed and [fields(r) for r in again.records()] == [fields(r) for r in batch]
+
+
+def test_a_packed_run_past_the_largest_seq_is_refused():
+    with pytest.raises(WireError, match="not seqs"):
+        decode_run(encode_run(format_id("a", 1, MAX_SEQ), None, [b"x", b"y"]))
+    assert len(decode_run(encode_run(format_id("a", 1, MAX_SEQ), None, [b"x"]))) == 1
+
+
+@pytest.mark.parametrize("first_id", ["a.1", "a.01.1", "a.1.x.1", ".1.1", "a.A.1", "a b.1.1"])
+def test_a_packed_run_from_an_id_dqid_could_not_mint_is_refused(first_id):
+    with pytest.raises(WireError, match="not a dqid message id"):
+        decode_run(encode_run(first_id, None, [b"x"]))
+
+
+def test_a_packed_run_whose_id_is_not_ascii_is_refused():
+    data = encode_run("a.1.1", None, [b"x"]).replace(b"a.1.1", b"\xe9.1.1")
+    with pytest.raises(WireError, match="UTF-8"):
+        decode_run(data)
+
+
+def test_a_forged_count_costs_nothing():
+    data = encode_run("a.1.1", None, [b"x"])
+    forged = data[:5] + (2**32 - 1).to_bytes(4, "little") + data[9:]
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError):
+            decode_run(forged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000
 
 
 def parse_id_or_none(text: str):
