@@ -11,11 +11,12 @@ import string
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dqid.ids import (
     MessageId,
+    consecutive_ids,
     format_id,
     is_valid_node_id,
     node_id_from_hostname,
@@ -182,3 +183,11 @@ def test_parse_accepts_zero():
 
 def test_parse_takes_the_node_from_a_hyphenated_id():
     assert parse_id("node-a_1.z.10") == MessageId("node-a_1", 35, 36)
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.one_of(st.integers(0, 3000), st.integers(0, 36**13 - 5000)),
+       count=st.integers(0, 3000))
+def test_consecutive_ids_are_the_ids_of_consecutive_seqs(first, count):
+    assert consecutive_ids("n.1.", first, count) == [
+        "n.1." + to_base36(seq) for seq in range(first, first + count)]
