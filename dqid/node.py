@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
+from .key_asks import KeyAsks, KeyRemote
 from .ids import MessageId, parse_id, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
@@ -39,18 +40,12 @@ __all__ = ["LeaseChange", "NotReady", "NotReplicated", "PushItem", "PushResult",
            "Remote"]
 
 
-class Remote(Protocol):
+class Remote(KeyRemote, Protocol):
     """What a node asks of the rest of its cluster."""
 
     def replicate(self, messages: Sequence[Message]) -> Deferred:
         """Fires once enough holders have ``messages``; fails with
         NotReplicated (or NotReady) when they cannot be made."""
-
-    async def confirm_key(self, key: str, digest: bytes, first: str) -> str | None:
-        """The id the owner of ``first`` accepted under ``key``, or None."""
-
-    def find_key(self, key: str, digest: bytes) -> Deferred:
-        """The id a peer accepted under ``key`` (unknown here), or None."""
 
     async def take(self, count: int, visibility: float) -> list[Record]:
         """Lease up to ``count`` messages from a peer with ready work."""
@@ -122,14 +117,6 @@ class LeaseChange:
 
 
 @dataclass(eq=False)
-class KeyAsk:
-    """An Idempotency-Key this node is asking its peers about."""
-
-    waiters: list[Deferred] = field(default_factory=list)  # until it is over
-    yielded: bool = False  # to a peer with a lower id that asked meanwhile
-
-
-@dataclass(eq=False)
 class LongPoll:
     """A parked ``get`` waiting for work."""
 
@@ -187,7 +174,7 @@ class QueueNode:
         self._long_polls: deque[LongPoll] = deque()
         self._timer: IDelayedCall | None = None
         self._outcomes: dict[str, list[Deferred]] = {}
-        self._asking: dict[str, KeyAsk] = {}  # Idempotency-Keys asked of the peers
+        self.keys = KeyAsks(self)  # Idempotency-Keys across the cluster
 
     # -- epochs, ids, recovered messages ------------------------------------
 
@@ -276,7 +263,7 @@ class QueueNode:
 
     async def _push_with_key(self, item: PushItem, idempotency_key: str) -> PushResult:
         digest = body_digest(item.body)
-        first = await self._first_under(idempotency_key, digest)
+        first = await self.keys.first_under(idempotency_key, digest)
         if first is not None:
             return PushResult([first], created=False)
         try:
@@ -287,89 +274,14 @@ class QueueNode:
         finally:
             # Who waited on the ask finds this push, and (_accept having
             # begun) waits for its outcome.
-            self._asked(idempotency_key)
+            self.keys.asked(idempotency_key)
         if waiting is not None:
             await waiting
         return PushResult([message.id], created=True)
 
-    async def _first_under(self, key: str, digest: bytes) -> str | None:
-        """The accepted id of an earlier push under ``key``, or None when
-        the key is free.
-
-        A key not known here is asked of every peer (a retry may come here
-        before the first push's copy does).  When that answers None, the
-        key stays marked as asked about until the caller has queued its
-        push and called ``_asked``: meanwhile another push here under the
-        key waits, and so does a peer asking about it whose node id is
-        higher.  One with a lower id is answered None at once, and this
-        node asks again: of two nodes asking at once, the lower one queues."""
-        while True:
-            first = self.idempotency.lookup(key, digest, self.clock.seconds())
-            if first is not None:
-                first = await self._confirm_first(key, digest, first)
-                if first is not None or self.remote is None:
-                    return first
-                continue  # withdrawn, and forgotten here: ask the peers
-            if self.remote is None:
-                return None
-            asking = self._asking.get(key)
-            if asking is None:
-                asking = self._asking[key] = KeyAsk()
-                try:
-                    found = await self.remote.find_key(key, digest)
-                    first = self.idempotency.lookup(key, digest, self.clock.seconds())
-                except BaseException:
-                    self._asked(key)
-                    raise
-                if first is None and found is None and not asking.yielded:
-                    return None  # the key is free: still marked as asked about
-                self._asked(key)
-                if first is None and found is not None:
-                    return found
-            else:
-                waiter: Deferred = Deferred()
-                asking.waiters.append(waiter)
-                await waiter
-
-    def _asked(self, key: str) -> None:
-        """The ask about ``key`` is over (and its push queued, if any)."""
-        asking = self._asking.pop(key, None)
-        if asking is not None:
-            for waiter in asking.waiters:
-                waiter.callback(None)
-
-    async def _confirm_first(self, key: str, digest: bytes, first: str) -> str | None:
-        """The accepted id of an earlier push under ``key``, or None when
-        that push was never accepted (withdrawn) and the key is free."""
-        if parse_id(first).node == self.node_id or self.remote is None:
-            await self._outcome_of(first)  # NotReplicated if it is withdrawn
-            return first
-        # Only the owner knows whether its push was accepted or withdrawn.
-        confirmed = await self.remote.confirm_key(key, digest, first)
-        if confirmed is None:
-            self.idempotency.discard(key, first)
-        return confirmed
-
     async def own_key(self, key: str, digest: bytes, asker: str) -> str | None:
-        """For peer ``asker``: our accepted id under ``key``; None if there
-        is none.  Waits for a push still being replicated, and for an ask
-        of ours about the key when ``asker`` yields to us (``_first_under``)."""
-        asking = self._asking.get(key)
-        if asking is not None:
-            if asker < self.node_id:
-                asking.yielded = True  # the asker may queue: ask again
-                return None
-            waiter: Deferred = Deferred()
-            asking.waiters.append(waiter)
-            await waiter
-        first = self.idempotency.lookup(key, digest, self.clock.seconds())
-        if first is None or parse_id(first).node != self.node_id:
-            return None
-        try:
-            await self._outcome_of(first)
-        except NotReplicated:
-            return None
-        return first
+        """For peer ``asker``: our accepted id under ``key`` (KeyAsks)."""
+        return await self.keys.own_key(key, digest, asker)
 
     def push_many(self, items: Sequence[PushItem]) -> PushResult | Deferred:
         """Queue all of ``items`` or none of them."""
@@ -458,7 +370,7 @@ class QueueNode:
             else:
                 waiting.errback(NotReplicated(str(reason)))
 
-    def _outcome_of(self, message_id: str) -> Deferred:
+    def outcome_of(self, message_id: str) -> Deferred:
         """Fires when ``message_id`` is accepted (at once if it already is)."""
         if message_id in self._outcomes:
             waiting: Deferred = Deferred()
