@@ -4,7 +4,8 @@ Acks, nacks and touches go to the owner (an ack the owner cannot take is
 written as a tombstone that reaches it later); a get with nothing ready here
 leases from a peer that has work, and parked long polls are fed the same
 way; an Idempotency-Key first used on another node is confirmed by that
-node.  The ``on_*`` methods answer the same requests from peers.
+node, and one this node does not know is asked of every peer.  The
+``on_*`` methods answer the same requests from peers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, fail, gatherResults, maybeDeferred, succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
