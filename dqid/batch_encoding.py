@@ -12,7 +12,8 @@ from .queue import PENDING, Message
 from .wire import RUN_MIN_RECORDS, encode_records, encode_run
 
 _ID, _BODY = attrgetter("id"), attrgetter("body")
-_STATE, _DEADLINE, _DELIVERIES = attrgetter("state"), attrgetter("deadline"), attrgetter("deliveries")
+_STATE, _DEADLINE = attrgetter("state"), attrgetter("deadline")
+_DELIVERIES = attrgetter("deliveries")
 _CONTENT_TYPE, _KEY = attrgetter("content_type"), attrgetter("key")
 
 

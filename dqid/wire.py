@@ -2,9 +2,9 @@
 
 Records are length-prefixed binary (bodies are any bytes); a packed run
 (protocol 4) is a batch of fresh records with consecutive ids, their body
-lengths in one array; tombstones are JSON of ``Tombstones.as_dict()``.  Both may be far larger than one AMP value;
-:class:`dqid.amp_commands.Chunked` splits them on the wire (see
-:func:`join_chunks`).
+lengths in one array; tombstones are JSON of ``Tombstones.as_dict()``.
+All may be far larger than one AMP value; :class:`dqid.amp_commands.Chunked`
+splits them on the wire (see :func:`join_chunks`).
 
 Everything here decodes bytes a peer sent, so every decoder checks every
 value and raises only :class:`WireError` for input that is not a valid
