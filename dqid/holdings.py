@@ -139,8 +139,8 @@ class Holdings:
                 if store.add(record):
                     new.append(record)
                     if record.key is not None:
-                        node.idempotency.remember(record.key, body_digest(record.body),
-                                                  record.id)
+                        node.idempotency.remember_copy(
+                            record.key, body_digest(record.body), record.id)
                 elif mid.node == source and store.set_state(
                         record.id, record.deliveries, record.held, record.due):
                     changed.append(record)

@@ -57,6 +57,15 @@ class IdempotencyIndex:
     def remember(self, key: str, digest: bytes, message_id: str) -> None:
         self._entries[key] = _Entry(digest, message_id)
 
+    def remember_copy(self, key: str, digest: bytes, message_id: str) -> None:
+        """A peer's copy under ``key`` is held here: remembered, unless the
+        key names a message still queued (not released), this node's own
+        push above all: its answer to a peer asking about the key must stay
+        that push's id."""
+        entry = self._entries.get(key)
+        if entry is None or entry.forget_at is not None:
+            self._entries[key] = _Entry(digest, message_id)
+
     def released(self, key: str, now: float) -> None:
         """The key's message was acked: forget the key after the window."""
         entry = self._entries.get(key)

@@ -367,22 +367,33 @@ class Router:
         """Ask every serving peer whether it accepted a push under ``key``,
         which this node does not know: the id one of them accepted, or None.
 
-        A peer that is down, or does not answer in time, is passed over
-        (the push goes on here: refusing it would stop keyed pushes while a
-        node is down).  Fails with IdempotencyConflict when a peer holds the
-        key for another body."""
+        When a push needs every node (``--min-copies`` = all, the default),
+        a peer that is down or does not answer makes it NotReady: the push
+        could not be accepted without that peer anyway, and going on would
+        let a push there under the key, unknown here, be queued too if the
+        peer came back before this one is replicated.  With fewer copies
+        such a peer is passed over, so that keyed pushes go on while a node
+        is down.  Fails with IdempotencyConflict when a peer holds the key
+        for another body."""
         timeout = self.timings.replication_timeout + self.timings.call_timeout
+        every_node = self.replicator.min_copies > len(self.links.peers)
+        serving = self.links.serving()
+        if every_node and len(serving) < len(self.links.peers):
+            down = sorted(set(self.links.peers) - {p.node_id for p in serving})
+            raise NotReady(f"cannot ask {', '.join(down)} about this Idempotency-Key")
         asked = []
-        for peer in self.links.serving():
+        for peer in serving:
             link = self.links.serving_link(peer)
             if link is None:
+                if every_node:
+                    raise NotReady(f"cannot ask {peer.node_id} about this Idempotency-Key")
                 continue
             ask = KeyAsked(peer.node_id, self.links.call(
                 link, cmd.KeyLookup, timeout=timeout, key=key, digest=digest))
             self._key_asks.setdefault(peer.node_id, set()).add(ask)
             ask.answer.addBoth(self._key_answered, ask)
             ask.answer.addCallbacks(lambda answer: answer["id"] or None, self._key_not_found,
-                                    errbackArgs=(key, ask))
+                                    errbackArgs=(key, ask, every_node))
             asked.append(ask.answer)
         if not asked:
             return succeed(None)
@@ -399,13 +410,18 @@ class Router:
             ask.peer_down = True
             ask.answer.cancel()
 
-    def _key_not_found(self, failure: Failure, key: str, ask: KeyAsked) -> Failure | None:
+    def _key_not_found(self, failure: Failure, key: str, ask: KeyAsked,
+                       every_node: bool) -> Failure | None:
         if failure.check(cmd.KeyConflict):  # described by the peer's id
             raise IdempotencyConflict(key, str(failure.value))
         if failure.check(CancelledError) and not ask.peer_down:
             return failure  # the push itself was cancelled (its client left)
+        why = "went down" if ask.peer_down else failure.getErrorMessage() or str(failure.type)
+        if every_node:
+            raise NotReady(f"{ask.peer_id} did not say whether it has this "
+                           f"Idempotency-Key: {why}")
         self.log.info("{peer} did not say whether it has an Idempotency-Key: {error}",
-                      peer=ask.peer_id, error=failure.getErrorMessage() or failure.type)
+                      peer=ask.peer_id, error=why)
         return None
 
     def on_key_lookup(self, asker: str, key: str, digest: bytes) -> Deferred:

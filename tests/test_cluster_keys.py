@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import CancelledError
 
+from dqid.errors import NotReady
 from dqid.idempotency import IdempotencyConflict
 from dqid.timings import DEFAULT_TIMINGS
 
@@ -182,3 +183,21 @@ def test_an_ask_held_for_a_push_that_is_then_withdrawn_is_not_answered_its_id(ma
     assert answer.created is True and answer.ids[0].startswith("b.")
     assert a.node.queue.depth == 0
     assert [m.id for m in got(net, b, count=10)] == answer.ids
+
+
+def test_when_every_node_must_hold_a_push_a_peer_that_cannot_answer_refuses_it(make):
+    # The push could not be accepted without C; going on would let a push
+    # under the key on C be queued too, were C back before this one is
+    # replicated.
+    net = make("abc", min_copies=3)
+    a, b, c = net.start_all()
+    net.pause("c")
+    stalled = a.push(b"job", key="k1")
+    net.run_until(lambda: stalled.called, limit=DEFAULT_TIMINGS.call_timeout)
+    failure = failureResultOf(stalled, NotReady)
+    assert "did not say" in str(failure.value) and "c" in str(failure.value)
+    assert a.node.queue.depth == 0 and b.held("a") == 0
+    net.cut("c")
+    refused = b.push(b"job", key="k2")  # C is known down: refused at once
+    net.settle()
+    assert "cannot ask c" in str(failureResultOf(refused, NotReady).value)

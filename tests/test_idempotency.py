@@ -213,3 +213,20 @@ def test_sweep_keeps_unreleased_keys():
     index = index_with()
     index.sweep(1e12)
     assert len(index) == 1
+
+
+def test_a_copy_does_not_displace_a_key_that_names_a_queued_message():
+    index = IdempotencyIndex(retain_after_ack=300.0)
+    index.remember("k", BODY, "b.1.1")  # this node's own push
+    index.remember_copy("k", BODY, "a.1.9")  # a peer's copy under the same key
+    assert index.lookup("k", BODY, now=0.0) == "b.1.1"
+
+
+def test_a_copy_takes_a_key_that_is_new_or_released():
+    index = IdempotencyIndex(retain_after_ack=300.0)
+    index.remember_copy("new", BODY, "a.1.1")
+    assert index.lookup("new", BODY, now=0.0) == "a.1.1"
+    index.remember("k", BODY, "b.1.1")
+    index.released("k", now=0.0)  # acked: kept for the window only
+    index.remember_copy("k", BODY, "a.1.2")
+    assert index.lookup("k", BODY, now=1.0) == "a.1.2"

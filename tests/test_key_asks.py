@@ -114,3 +114,10 @@ def test_a_standalone_node_asks_nobody():
     node, keys = asks()
     node.remote = None
     assert successResultOf(first_under(keys)) is None and "k" not in keys
+
+
+def test_a_peer_is_answered_our_own_push_even_after_a_copy_under_the_key_came():
+    node, keys = asks()
+    node.idempotency.remember("k", DIGEST, "b.1.1")
+    node.idempotency.remember_copy("k", DIGEST, "a.1.7")  # queued twice already
+    assert successResultOf(own_key(keys, asker="c")) == "b.1.1"
