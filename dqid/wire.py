@@ -274,21 +274,19 @@ def decode_run(data: bytes) -> Run:
     if end > _MAX_RUN_BYTES:
         raise WireError("packed run: longer than 4 GiB")
     offset = size + id_len
+    raw_id = data[size:offset]
     try:
-        raw_id = data[size:offset]
         first = parse_id(raw_id.decode("ascii"))
-        if count == 0 or count - 1 > MAX_SEQ - first.seq:
-            raise WireError(f"packed run: {count} seqs from {first.seq} are not seqs")
         content_type = None
         if ct_len != _NONE:
             content_type = intern(data[offset:offset + ct_len].decode("utf-8"))
             offset += ct_len
     except UnicodeDecodeError:
         raise WireError("packed run: a text field is not UTF-8") from None
-    except ValueError as error:
-        if isinstance(error, WireError):
-            raise
+    except ValueError:
         raise WireError(f"packed run: not a dqid message id: {_quoted(raw_id)}") from None
+    if count == 0 or count - 1 > MAX_SEQ - first.seq:
+        raise WireError(f"packed run: {count} seqs from {first.seq} are not seqs")
     bodies_at = offset + 4 * count
     if bodies_at > end:
         raise WireError("packed run: truncated lengths")
