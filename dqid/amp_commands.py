@@ -18,9 +18,11 @@ from .amp_framing import frame_box
 from .wire import WireError, join_chunks
 
 PROTOCOL_MIN = 3
-PROTOCOL_MAX = 4
+PROTOCOL_MAX = 5
 # Protocol 4: a Stream box may carry its records as a packed run.
 PACKED_RUNS = 4
+# Protocol 5: an anti-entropy SyncStart may say what the caller has seen.
+SEEN_SUMMARIES = 5
 
 CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -311,9 +313,14 @@ class Take(amp.Command):
 class SyncStart(amp.Command):
     """Begin a state transfer: the callee's tombstones and known epochs now,
     and a token to page through every record it holds (its own queue and
-    its replicas of every peer)."""
+    its replicas of every peer).
 
-    arguments: list = []
+    From protocol 5 (``SEEN_SUMMARIES``) a serving caller's periodic pull
+    sends ``seen``, the ids it holds or knows gone, as tombstones are
+    encoded; the pages then leave out what the caller's merge would take
+    nothing from (``Holdings.snapshot``)."""
+
+    arguments = [(b"seen", Chunked(optional=True))]
     response = [
         (b"token", amp.Unicode()),
         (b"tombstones", Chunked()),

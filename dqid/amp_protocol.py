@@ -30,9 +30,10 @@ from .amp_framing import BoxReader
 from .auth_commands import AuthChallenge, AuthProve
 from .handshake import DiallerHandshake, HandshakeFailed, ListenerHandshake
 from .node import LeaseChange
+from .tombstones import Tombstones
 from .wire import (
     MAX_EPOCH, WireError, checked_count, checked_epoch, checked_message_id,
-    checked_node_id, checked_seconds,
+    checked_node_id, checked_seconds, decode_tombstones,
 )
 
 __all__ = ["Handlers", "PeerAuth", "PeerFactory", "PeerProtocol", "negotiate"]
@@ -100,7 +101,7 @@ class Handlers(Protocol):
 
     def on_take(self, count: int, visibility: float) -> dict: ...
 
-    def on_sync_start(self) -> dict: ...
+    def on_sync_start(self, seen: Tombstones | None) -> dict: ...
 
     def on_sync_page(self, token: str) -> dict: ...
 
@@ -462,9 +463,13 @@ class PeerProtocol(amp.AMP):
         return self.handlers.on_take(count, visibility)
 
     @cmd.SyncStart.responder
-    def sync_start(self) -> dict:
+    def sync_start(self, seen: bytes | None) -> dict:
         self._from_peer()
-        return self.handlers.on_sync_start()
+        try:
+            summary = None if seen is None else decode_tombstones(seen)
+        except WireError as error:
+            raise self._bad_input(error, "SyncStart") from None
+        return self.handlers.on_sync_start(summary)
 
     @cmd.SyncPage.responder
     def sync_page(self, token: str) -> dict:

@@ -48,6 +48,7 @@ from .replica import Record
 from .replicator import Replicator
 from .router import Router
 from .timings import DEFAULT_TIMINGS, Timings
+from .tombstones import Tombstones
 from .transfer import StateTransfer
 
 
@@ -364,8 +365,8 @@ class Cluster:
     def on_take(self, count: int, visibility: float) -> dict:
         return self.router.on_take(count, visibility)
 
-    def on_sync_start(self) -> dict:
-        return self.transfer.on_sync_start()
+    def on_sync_start(self, seen: Tombstones | None) -> dict:
+        return self.transfer.on_sync_start(seen)
 
     def on_sync_page(self, token: str) -> dict:
         return self.transfer.on_sync_page(token)

@@ -17,11 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 
 from .amp_commands import StaleEpoch
 from .idempotency import body_digest
-from .ids import MessageId, parse_id
-from .queue import PENDING, Message
+from .ids import MessageId, format_id, parse_id
+from .queue import PENDING, READY, Message
 from .readiness import Readiness
 from .replica import Record, ReplicaStore, Run, matching_ids
 from .tombstones import Tombstones
+from .wire import MAX_SEQ
 
 
 class OwnQueue(Protocol):
@@ -187,13 +188,61 @@ class Holdings:
                 self.journal.states([Record(message_id, b"", None, None, deliveries, None,
                                             held, due)])
 
-    def snapshot(self) -> tuple[int, Iterator[Record | Message]]:
+    def snapshot(self, seen: Tombstones | None = None) -> tuple[int, Iterator[Record | Message]]:
         """Every record held, own accepted messages first (for a sync): how
-        many, and them (the copies in runs parsed as they are reached)."""
-        own = [*self.node.accepted_messages(), *self.recovered.values()]
+        many, and them (the copies in runs parsed as they are reached).
+
+        With ``seen`` (a serving peer's :meth:`seen`) it leaves out what
+        the merge would take nothing from: the copies it names (only an
+        owner's word on a copy's state counts), and this node's own
+        messages it names whose state is still the fresh one, which no
+        peer can have changed (deliveries only grow; a delay or a hold is
+        not fresh)."""
         store = self.store
-        count = len(own) + sum(store.held(owner) for owner in store.owners())
-        return count, chain(own, store.records())
+        if seen is None:
+            own = [*self.node.accepted_messages(), *self.recovered.values()]
+            count = len(own) + sum(store.held(owner) for owner in store.owners())
+            return count, chain(own, store.records())
+        own = self._unseen_own(seen)
+        count, copies = store.unseen_records(seen)
+        return len(own) + count, chain(own, copies)
+
+    def _unseen_own(self, seen: Tombstones) -> list[Record | Message]:
+        """This node's accepted messages, but those ``seen`` names that
+        are ready and were never delivered."""
+        me, epoch = self.me, self.node.epoch
+        prefix = format_id(me, epoch, 0)[:-1]  # "ME.EPOCH.", spelt once
+        cut = len(prefix)
+        current = seen.of(me, epoch)
+        unseen: list[Record | Message] = [*self.recovered.values()]
+        for message in self.node.queue.messages():
+            state = message.state
+            if state == PENDING:
+                continue
+            if state == READY and not message.deliveries:
+                message_id = message.id
+                if message_id.startswith(prefix):
+                    if current is not None and int(message_id[cut:], 36) in current:
+                        continue
+                elif parse_id(message_id) in seen:
+                    continue
+            unseen.append(message)
+        return unseen
+
+    def seen(self) -> Tombstones:
+        """What a pull from a peer need not carry, for a serving node: the
+        ids held here or known to be gone (:meth:`ReplicaStore.seen`), its
+        own queue, and every id of its own serving epoch, which a merge
+        leaves alone (it mints them; only an older epoch's message reaching
+        it late is taken back)."""
+        seen = self.store.seen()
+        me, epoch = self.me, self.node.epoch
+        seen.add_range(me, epoch, 0, MAX_SEQ + 1)
+        prefix = format_id(me, epoch, 0)[:-1]
+        for message in self.node.queue.messages():
+            if not message.id.startswith(prefix):
+                seen.add(*parse_id(message.id))
+        return seen
 
     def take_recovered(self) -> list[Record]:
         """The own messages found while recovering, in id order; cleared."""

@@ -195,14 +195,16 @@ class Run:
     def records(self) -> list[Record]:
         return list(self.iter_records(self.gone))
 
-    def iter_records(self, gone: bytes | bytearray) -> Iterator[Record]:
-        """The records held when ``gone`` was copied from :attr:`gone`,
-        each parsed as it is reached (the run keeps their bytes even after
-        they go)."""
+    def iter_records(self, gone: bytes | bytearray,
+                     spans: list[tuple[int, int]] | None = None) -> Iterator[Record]:
+        """The records held when ``gone`` was copied from :attr:`gone`
+        (those with seqs in ``spans``, if given), each parsed as it is
+        reached (the run keeps their bytes even after they go)."""
         first = self.first
-        for index in range(len(gone)):
-            if not gone[index]:
-                yield self.record(first + index)
+        for start, end in [(first, first + len(gone))] if spans is None else spans:
+            for index in range(start - first, end - first):
+                if not gone[index]:
+                    yield self.record(first + index)
 
 
 class OwnerRuns:
@@ -298,6 +300,44 @@ class ReplicaStore:
             held += self._records.get(name, {}).values()
             runs += [(run, bytes(run.gone)) for run in self._runs.get(name, ())]
         return chain(held, chain.from_iterable(run.iter_records(gone) for run, gone in runs))
+
+    def seen(self) -> Tombstones:
+        """The ids held here or known to be gone, per owner and epoch, as
+        ranges (for an anti-entropy pull: the peer leaves them out).  A
+        run's whole span counts: a seq it no longer holds is tombstoned or
+        held as a Record of its own."""
+        seen = Tombstones()
+        seen.merge(self.tombstones)
+        for owner, runs in self._runs.items():
+            for run in runs:
+                seen.add_range(owner, run.epoch, run.first, run.end)
+        for by_id in self._records.values():
+            for message_id in by_id:
+                seen.add(*parse_id(message_id))
+        return seen
+
+    def unseen_records(self, seen: Tombstones) -> tuple[int, Iterator[Record]]:
+        """The records held that ``seen`` does not name: how many, and
+        them, as :meth:`records` gives them (parsed as they are reached)."""
+        held: list[Record] = []
+        spans: list[tuple[Run, bytes, list[tuple[int, int]]]] = []
+        count = 0
+        for owner in list({*self._records, *self._runs}):
+            for message_id, record in self._records.get(owner, {}).items():
+                if parse_id(message_id) not in seen:
+                    held.append(record)
+            for run in self._runs.get(owner, ()):
+                known = seen.of(owner, run.epoch)
+                gaps = ([(run.first, run.end)] if known is None
+                        else known.gaps_within(run.first, run.end))
+                if gaps:
+                    gone = bytes(run.gone)
+                    count += sum(gone.count(0, start - run.first, end - run.first)
+                                 for start, end in gaps)
+                    spans.append((run, gone, gaps))
+        count += len(held)
+        return count, chain(held, chain.from_iterable(
+            run.iter_records(gone, gaps) for run, gone, gaps in spans))
 
     def get(self, message_id: str) -> Record | None:
         """The record held under ``message_id`` (None for any other text).

@@ -51,6 +51,17 @@ class RangeSet:
         return [(max(s, start), min(e, end))
                 for s, e in zip(starts[low:high], ends[low:high])]
 
+    def gaps_within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` the set does not hold."""
+        gaps = []
+        for low, high in self.ranges_within(start, end):
+            if start < low:
+                gaps.append((start, low))
+            start = high
+        if start < end:
+            gaps.append((start, end))
+        return gaps
+
     def range_count(self) -> int:
         return len(self._starts)
 
@@ -100,7 +111,10 @@ class RangeSet:
 
 
 class Tombstones:
-    """Per owner and epoch, the seqs that are gone."""
+    """Per owner and epoch, the seqs that are gone.
+
+    (The same structure also summarises which ids a node has seen, for an
+    anti-entropy pull: ``Holdings.seen``.)"""
 
     def __init__(self) -> None:
         self._sets: dict[tuple[str, int], RangeSet] = {}

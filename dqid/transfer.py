@@ -1,10 +1,14 @@
 """State transfer between peers (anti-entropy) and recovery at start.
 
-Whenever a peer comes up, and again every ``anti_entropy_interval``, a node
-pulls that peer's whole state (its queue, its replicas, its tombstones and
-known epochs) and merges it in: the merge is a union, so repeating it is
-harmless.  A starting node serves only once it has merged from enough
-peers; then it takes an epoch above every one seen for its id.
+Whenever a peer comes up a node pulls that peer's whole state (its queue,
+its replicas, its tombstones and known epochs) and merges it in: the merge
+is a union, so repeating it is harmless.  Again every
+``anti_entropy_interval`` a serving node pulls once more, saying what it
+has seen (protocol 5): the peer's pages then carry only the records it
+lacks and the peer's own messages whose state changed from fresh, so a
+periodic pass costs what differs, not the size of the queue.  A starting
+node serves only once it has merged from enough peers; then it takes an
+epoch above every one seen for its id.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .peers import Peer
 from .readiness import Phase, Readiness
 from .replica import Record
 from .timings import Timings
+from .tombstones import Tombstones
 from .wire import (
     decode_epochs, decode_records, decode_tombstones, encode_epochs, encode_records,
     encode_tombstones,
@@ -115,17 +120,23 @@ class StateTransfer:
         if (state.synced and not again) or state.syncing or not peer.links:
             return
         state.syncing = True
-        d = Deferred.fromCoroutine(self._sync_from(peer, state))
+        d = Deferred.fromCoroutine(self._sync_from(peer, state, periodic=state.synced))
         d.addErrback(lambda f: self.log.failure("sync from {peer} failed", f,
                                                 peer=peer.node_id))
 
-    async def _sync_from(self, peer: Peer, state: SyncState) -> None:
+    async def _sync_from(self, peer: Peer, state: SyncState, periodic: bool) -> None:
         try:
             link = peer.link()
             if link is None:
                 return
             serving = peer.serving
-            start = await self.links.call(link, cmd.SyncStart)
+            seen = None
+            if periodic and link.version >= cmd.SEEN_SUMMARIES and self.node.readiness.serving:
+                # Only what this node has not seen, or the owner's new word
+                # on a copy: a full pull when a peer comes up, a summary
+                # of what is held after that.
+                seen = encode_tombstones(self.holdings.seen())
+            start = await self.links.call(link, cmd.SyncStart, seen=seen)
             written = self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
             if written is not None:
                 written.addErrback(lambda f: None)  # the Durability logs a failed disk
@@ -158,9 +169,9 @@ class StateTransfer:
 
     # -- serving a peer's pull -----------------------------------------------
 
-    def on_sync_start(self) -> dict:
+    def on_sync_start(self, seen: Tombstones | None = None) -> dict:
         token = uuid.uuid4().hex
-        total, snapshot = self.holdings.snapshot()
+        total, snapshot = self.holdings.snapshot(seen)
         session = SyncSession(snapshot)
         self._sessions[token] = session
         self._touch_session(token, session)

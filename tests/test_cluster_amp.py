@@ -20,11 +20,13 @@ from twisted.test import iosim
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol, negotiate
 from dqid.replicator import MAX_IN_FLIGHT
-from dqid.ids import parse_id
+from dqid.ids import format_id, parse_id
+from dqid.replica import Record
 from dqid.auth_commands import AuthChallenge, AuthProve
 from dqid.errors import NotReady, NotReplicated
 from dqid.handshake import DiallerHandshake
 from dqid.timings import DEFAULT_TIMINGS
+from dqid.holdings import Holdings
 
 DEAD_AFTER = DEFAULT_TIMINGS.dead_after
 HEARTBEAT_INTERVAL = DEFAULT_TIMINGS.heartbeat_interval
@@ -798,6 +800,119 @@ def test_peer_that_was_down_catches_up_on_reconnect(make):
     # The tombstones arrived too: the acked ids are gone for good on C.
     assert c.cluster.store.is_tombstoned(gone)
     assert c.cluster.store.is_tombstoned(b_own)
+
+
+ANTI_ENTROPY_INTERVAL = DEFAULT_TIMINGS.anti_entropy_interval
+
+
+@pytest.fixture
+def pulled(monkeypatch) -> list[tuple[str, str, str]]:
+    """(puller, peer pulled, record id) for every record a sync page
+    carried (sync pages are what Holdings.merge_records merges)."""
+    carried: list[tuple[str, str, str]] = []
+    real = Holdings.merge_records
+
+    def merge_records(self, records, source=None):
+        records = list(records)
+        carried.extend((self.me, source, r.id) for r in records)
+        return real(self, records, source)
+
+    monkeypatch.setattr(Holdings, "merge_records", merge_records)
+    return carried
+
+
+def test_a_periodic_pull_carries_only_what_the_puller_lacks(make, pulled):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a, b"a%d" % i) for i in range(5)] + [pushed_id(net, b, b"from b")]
+    pulled.clear()
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)  # every node pulled every peer again
+    assert pulled == []
+    # A copy missed (C lost B's and A's copies without a tombstone, as a bug
+    # or a disk would): the next pass brings exactly those back.
+    lost = {r.id for r in c.cluster.store.records()}
+    assert lost == set(ids)
+    c.cluster.store.take_owner("a")
+    c.cluster.store.take_owner("b")
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)
+    assert {r.id for r in c.cluster.store.records()} == lost
+    # From each peer (both hold all six), and nothing to A or B.
+    assert sorted(pulled) == sorted(("c", peer, i) for peer in "ab" for i in ids)
+
+
+def test_a_periodic_pull_still_carries_the_owners_word_on_a_delivered_copy(make, pulled):
+    net = make("abc")
+    a, b, c = net.start_all()
+    leased = pushed_id(net, a, b"delivered")
+    untouched = pushed_id(net, a, b"never delivered")
+    assert take_all(net, a, count=1) == [leased]  # the first in line
+    net.advance(1.0)  # the owner's word on it reaches the copies
+    assert c.cluster.store.get(leased).deliveries == 1
+    # B missed that word (reset here by hand, as a lost box would leave it).
+    b.cluster.store.set_state(leased, 0, False, None)
+    pulled.clear()
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)
+    assert b.cluster.store.get(leased).deliveries == 1
+    # Only the leased message travelled, from its owner, to each peer: not
+    # the untouched one, and no copy held by a peer that is not its owner.
+    assert sorted(pulled) == [("b", "a", leased), ("c", "a", leased)]
+    assert untouched not in {i for _, _, i in pulled}
+
+
+def every_pull_of(ids, names: str = "abc") -> list[tuple[str, str, str]]:
+    return sorted((puller, peer, i) for puller in names for peer in names
+                  if peer != puller for i in ids)
+
+
+def test_a_periodic_pull_from_a_protocol_4_peer_is_a_full_one(make, pulled, monkeypatch):
+    monkeypatch.setattr(cmd, "PROTOCOL_MAX", cmd.SEEN_SUMMARIES - 1)
+    net = make("abc")
+    net.start_all()
+    ids = [pushed_id(net, net["a"], b"a%d" % i) for i in range(3)]
+    pulled.clear()
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)
+    # No summary on a protocol 4 link: every node pulls all it holds again.
+    assert sorted(pulled) == every_pull_of(ids)
+
+
+def test_a_peer_that_comes_back_is_pulled_in_full(make, pulled):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = [pushed_id(net, a, b"a%d" % i) for i in range(3)]
+    net.cut("c")
+    pulled.clear()
+    net.connect("c", "a")
+    net.connect("c", "b")
+    net.settle()
+    # C and its peers may have missed anything while the links were down.
+    assert sorted(pulled) == sorted(
+        [("a", "c", i) for i in ids] + [("b", "c", i) for i in ids]
+        + [("c", "a", i) for i in ids] + [("c", "b", i) for i in ids])
+
+
+def test_a_periodic_pull_brings_back_an_own_message_of_an_older_epoch(make, pulled):
+    """A node's summary names every id of the epoch it serves, but of an
+    older one only what it queues or knows gone: a copy of its own from
+    before a restart that reaches it late is still taken back."""
+    net = make("abc")
+    a, b, c = net.start_all()
+    epoch = a.node.epoch
+    queued_old = format_id("a", epoch - 1, 5)
+    missing_old = format_id("a", epoch - 1, 6)
+    acked_old = format_id("a", epoch - 1, 7)
+    a.node.restore([Record(queued_old, b"queued before")])
+    a.cluster.holdings.tombstone(acked_old)
+    seen = a.cluster.holdings.seen()
+    assert ("a", epoch, 123456) in seen and ("a", epoch + 1, 1) not in seen
+    assert ("a", epoch - 1, 5) in seen and ("a", epoch - 1, 7) in seen
+    assert ("a", epoch - 1, 6) not in seen
+    for member in (b, c):
+        member.cluster.store.add(Record(missing_old, b"copy from before"))
+    pulled.clear()
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)
+    assert sorted(p for p in pulled if p[0] == "a") == [
+        ("a", "b", missing_old), ("a", "c", missing_old)]
+    assert missing_old in a.node.queue and queued_old in a.node.queue
 
 
 def test_withdrawn_push_is_not_resurrected_by_a_replacement(make):

@@ -277,6 +277,42 @@ def test_merge_is_the_union_and_tombstones_win(o1, o2):
     )
 
 
+ALL_KEYS = [(owner, epoch, seq) for owner in OWNERS for epoch in range(RUN_EPOCH + 1)
+            for seq in range(80)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_seen_names_exactly_what_is_held_or_tombstoned(op_list):
+    """An anti-entropy pull's summary: no id the store lacks (the peer
+    would leave out a copy it needs), none it holds left out."""
+    store, model = build(op_list)
+    seen = store.seen()
+    for key in ALL_KEYS:
+        assert (key in seen) == (mid(key) in model.live or mid(key) in model.gone), key
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops, ops)
+def test_a_pull_of_what_is_unseen_merges_like_a_pull_of_everything(o1, o2):
+    """Merging only the records of ``b`` that ``a`` has not seen (and b's
+    tombstones) leaves ``a`` as the merge of all of ``b`` would."""
+    (a, _), (b, _) = build(o1), build(o2)
+    everything = merge(a, b)
+    pulled = merge(a)
+    count, unseen = b.unseen_records(a.seen())
+    unseen = list(unseen)
+    assert count == len(unseen)
+    assert {r.id for r in unseen} == {i for i in b.live_ids() if parse_id(i) not in a.seen()}
+    pulled.merge_tombstones(b.tombstones)
+    pulled.add_many(unseen)
+    for owner, epoch in b.epochs.items():
+        pulled.note_epoch(owner, epoch)
+    assert state(pulled) == state(everything)
+    # Nothing unseen: a pull of an up-to-date peer carries no record.
+    assert b.unseen_records(merge(a, b).seen())[0] == 0
+
+
 @settings(max_examples=100, deadline=None)
 @given(ops, st.sampled_from(OWNERS))
 def test_take_owner(op_list, owner):

@@ -84,6 +84,16 @@ def test_rangeset_is_a_set_of_ints(ops):
         assert_matches(rs, model)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(spans, max_size=10), spans)
+def test_gaps_within_are_the_values_of_a_span_the_set_lacks(span_list, window):
+    rs = RangeSet(span_list)
+    model = {v for span in span_list for v in range(*span)}
+    gaps = rs.gaps_within(*window)
+    # Sorted, disjoint, not touching, and exactly the span's missing values.
+    assert gaps == runs(set(range(*window)) - model)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(spans, max_size=10), st.lists(values, max_size=10))
 def test_rangeset_copy_eq_and_constructor(span_list, extra):
