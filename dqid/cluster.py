@@ -137,6 +137,9 @@ class Cluster:
     def tombstone(self, message_id: str) -> Deferred | None:
         return self.replicator.tombstone(message_id)
 
+    def tombstone_many(self, message_ids: Sequence[str]) -> Deferred | None:
+        return self.replicator.tombstone_many(message_ids)
+
     def states_changed(self, messages: list[Message]) -> None:
         self.replicator.states_changed(messages)
 

@@ -263,6 +263,18 @@ class Holdings:
             return self.journal.tombstone(parse_id(message_id))
         return None
 
+    def tombstone_many(self, tombstones: Tombstones) -> Deferred | None:
+        """:meth:`tombstone` for many ids (a batch of acks) at once."""
+        now = self.clock.seconds()
+        for key in self.store.merge_tombstones(tombstones):
+            self.node.idempotency.released(key, now)
+        if self.recovered:
+            for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
+                del self.recovered[message_id]
+        if self.journal is not None:
+            return self.journal.tombstones(tombstones)
+        return None
+
     def merge_tombstones(self, tombstones: Tombstones) -> Deferred | None:
         """Union ``tombstones`` in (acks of our own messages take them out
         of our queue); with ``--data-dir``, a Deferred that fires once they

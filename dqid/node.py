@@ -34,7 +34,8 @@ from .key_asks import KeyAsks, KeyRemote
 from .ids import MessageId, parse_id, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
-from .replica import Record
+from .replica import Record, tombstones_of
+from .tombstones import Tombstones
 
 __all__ = ["LeaseChange", "NotReady", "NotReplicated", "PushItem", "PushResult", "QueueNode",
            "Remote"]
@@ -65,6 +66,9 @@ class Remote(KeyRemote, Protocol):
         """This node's message was acked: tell every holder; a Deferred
         when the tombstone must reach the disk first."""
 
+    def tombstone_many(self, message_ids: Sequence[str]) -> Deferred | None:
+        """:meth:`tombstone` for a batch of this node's messages."""
+
     def states_changed(self, messages: list[Message]) -> None:
         """Deliveries, held states or due times of ``messages`` changed:
         tell every holder."""
@@ -90,6 +94,9 @@ class Journal(Protocol):
 
     def tombstone(self, mid: MessageId) -> Deferred:
         """An own message gone: fires once that is on disk."""
+
+    def tombstones(self, tombstones: Tombstones) -> Deferred:
+        """Own messages gone: fires once they are on disk."""
 
     def states(self, messages: Iterable[Message]) -> None:
         """Deliveries, held states or due times changed."""
@@ -500,7 +507,16 @@ class QueueNode:
         waits: list[Deferred] = []
         elsewhere: list[tuple[str, MessageId]] = []
         positions: list[int] = []
+        own: list[str] = []  # this node's, acked here: told as one
+        queue = self.queue
+        fenced = self.readiness.fenced
         for position, message_id in enumerate(message_ids):
+            message = queue.get(message_id)  # our queue holds our ids only
+            if message is not None and message.state != PENDING and not fenced:
+                self.apply_tombstone(message_id)
+                own.append(message_id)
+                acked[position] = True
+                continue
             target = self._ack_here(message_id)
             if target is None:
                 acked[position] = True
@@ -511,6 +527,10 @@ class QueueNode:
                 waits.append(target.addCallbacks(
                     acked_at, unknown_at, callbackArgs=(acked, position),
                     errbackArgs=(acked, position)))
+        if own:
+            written = self._tell_acked(own)
+            if written is not None:
+                waits.append(written)
         if elsewhere and self.remote is not None:
             def answered(answers: list[bool]) -> None:
                 for position, answer in zip(positions, answers):
@@ -547,6 +567,16 @@ class QueueNode:
             return self.remote.tombstone(message_id)
         if self.journal is not None:
             return self.journal.tombstone(parse_id(message_id))
+        return None
+
+    def _tell_acked(self, message_ids: Sequence[str]) -> Deferred | None:
+        """Tell every holder (or the disk) that these messages of this
+        node's queue were acked: None, or a Deferred that fires once the
+        tombstones are on disk."""
+        if self.remote is not None:
+            return self.remote.tombstone_many(message_ids)
+        if self.journal is not None:
+            return self.journal.tombstones(tombstones_of(message_ids))
         return None
 
     def apply_tombstone(self, message_id: str) -> Message:

@@ -43,6 +43,28 @@ def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
     return found
 
 
+def tombstones_of(message_ids: Iterable[str]) -> Tombstones:
+    """The tombstones of ``message_ids`` (ids a node minted or holds, so
+    valid), a batch of acks at a time: the ids of one owner and epoch
+    share a prefix, and their seqs mostly follow each other."""
+    seqs: dict[str, list[int]] = {}
+    for message_id in message_ids:
+        prefix, _, seq = message_id.rpartition(".")
+        seqs.setdefault(prefix, []).append(int(seq, 36))
+    tombstones = Tombstones()
+    for prefix, found in seqs.items():
+        owner, epoch, _ = parse_id(prefix + ".0")
+        found.sort()
+        start = end = found[0]
+        for seq in found:
+            if seq > end:
+                tombstones.add_range(owner, epoch, start, end)
+                start = seq
+            end = seq + 1
+        tombstones.add_range(owner, epoch, start, end)
+    return tombstones
+
+
 class MessageLike(Protocol):
     id: str
     body: bytes

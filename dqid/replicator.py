@@ -42,7 +42,7 @@ from .links import Links
 from .peers import Link, Peer
 from .queue import GONE, Message
 from .readiness import Readiness
-from .replica import Record, Run
+from .replica import Record, Run, tombstones_of
 from .stream import Acknowledger, Received, Unanswered, Unconfirmed
 from .timings import Timings
 from .tombstones import Tombstones
@@ -186,6 +186,16 @@ class Replicator:
             self._tombstones = Tombstones()
             self._end_turn_later()
         self._tombstones.add(mid.node, mid.epoch, mid.seq)
+        return written
+
+    def tombstone_many(self, message_ids: Sequence[str]) -> Deferred | None:
+        """:meth:`tombstone` for a batch of ids, as one set of tombstones."""
+        tombstones = tombstones_of(message_ids)
+        written = self.holdings.tombstone_many(tombstones)
+        if self._tombstones is None:
+            self._tombstones = Tombstones()
+            self._end_turn_later()
+        self._tombstones.merge(tombstones)
         return written
 
     def confirm_tombstone(self, message_id: str, owner: Peer) -> Deferred:

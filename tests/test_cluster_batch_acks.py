@@ -13,6 +13,8 @@ from __future__ import annotations
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol
 from dqid.errors import NotReady
+from dqid.ids import format_id
+from dqid.replica import Record
 from dqid.readiness import Phase
 from dqid.wire import decode_tombstones
 
@@ -57,6 +59,27 @@ def test_a_batch_of_acks_on_a_replica_is_one_range_to_every_peer(make, monkeypat
         assert (box["seq"] is not None) is numbered  # the owner confirms it
         assert decode_tombstones(box["tombstones"]).as_dict() == {
             "a": {a.node.epoch: [(first, first + COUNT)]}}
+
+
+def test_a_batch_of_acks_on_the_owner_is_one_range_to_every_peer(make, monkeypatch):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = push_batch(net, a)
+    old = format_id("a", a.node.epoch - 1, 7)  # one from before a restart
+    a.node.restore([Record(old, b"old")])
+    assert sorted(take_all(net, a, COUNT + 1)) == sorted([old, *ids])
+    boxes = boxes_from(monkeypatch, "a")
+    # Answered at once (in memory: nothing to wait for), the range sent.
+    assert successResultOf(a.node.ack_many([*ids, old])) == [True] * (COUNT + 1)
+    net.settle()
+    assert a.node.queue.depth == 0
+    assert b.held("a") == c.held("a") == 0
+    first = int(ids[0].rsplit(".", 1)[1], 36)
+    for peer in "bc":
+        (box,) = [kw for to, kw in boxes if to == peer]
+        assert decode_tombstones(box["tombstones"]).as_dict() == {
+            "a": {a.node.epoch - 1: [(7, 8)], a.node.epoch: [(first, first + COUNT)]}}
+        assert net[peer].cluster.store.is_tombstoned(old)
 
 
 def test_each_id_of_a_batch_is_answered_as_it_would_be_alone(make):

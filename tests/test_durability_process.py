@@ -180,6 +180,24 @@ def test_disk_use_follows_the_queue_not_its_history(pool, tmp_path) -> None:
     assert "compacted the journal" in first.log_text()
 
 
+def test_a_batch_of_acks_answered_stays_acked_across_a_kill(pool, tmp_path) -> None:
+    import json
+    first = node(pool, tmp_path).start()
+    first.wait_for("/ready")
+    batch = {"messages": [{"body": f"m{i}"} for i in range(50)]}
+    ids = first.http("POST", "/push/batch", json.dumps(batch).encode()).json()["ids"]
+    got = first.http("GET", "/get?count=30").json()["messages"]
+    acked = [m["id"] for m in got if m["id"] != ids[3]] + ["n1.1.zzz"]
+    reply = first.http("POST", "/ack", json.dumps({"ids": acked}).encode())
+    assert reply.json() == {"acked": acked[:-1], "unknown": ["n1.1.zzz"]}
+    first.kill()  # answered: the tombstones were on disk
+    second = node(pool, tmp_path).start()
+    second.wait_for("/ready")
+    assert second.http("GET", "/stats").json()["depth"] == 50 - 29
+    left = second.http("GET", "/get?count=100").json()["messages"]
+    assert sorted(m["id"] for m in left) == sorted(set(ids) - set(acked))
+
+
 def test_held_and_delayed_messages_stay_so_across_a_restart(pool, tmp_path) -> None:
     first = node(pool, tmp_path, "--max-deliveries=1").start()
     first.wait_for("/ready")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dqid.ids import format_id, parse_id
-from dqid.replica import Record, ReplicaStore, Run
+from dqid.replica import Record, ReplicaStore, Run, tombstones_of
 from dqid.tombstones import Tombstones
 from dqid.wire import encode_records, scan_run
 
@@ -59,7 +59,7 @@ def run_of(arg):
     return run
 
 
-def tombstones_of(key_list) -> Tombstones:
+def tombstones_of_keys(key_list) -> Tombstones:
     tombstones = Tombstones()
     for owner, epoch, seq in key_list:
         tombstones.add(owner, epoch, seq)
@@ -140,7 +140,7 @@ def apply(store: ReplicaStore, model: Model, op) -> None:
         model.gone.add(mid(arg))
     elif kind == "merge_tombstones":
         live_before = model.live
-        released = store.merge_tombstones(tombstones_of(arg))
+        released = store.merge_tombstones(tombstones_of_keys(arg))
         # The keys of the records it drops are released, and no others.
         assert sorted(released) == sorted(
             record(k).key for k in set(arg)
@@ -275,6 +275,13 @@ def test_merge_is_the_union_and_tombstones_win(o1, o2):
         {i for i in a.live_ids() if not b.is_tombstoned(i)}
         | {i for i in b.live_ids() if not a.is_tombstoned(i)}
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(OWNERS), st.integers(0, 5),
+                          st.integers(0, 36**3)), max_size=40))
+def test_tombstones_of_ids_are_exactly_those_ids(key_list):
+    assert tombstones_of(mid(k) for k in key_list) == tombstones_of_keys(key_list)
 
 
 ALL_KEYS = [(owner, epoch, seq) for owner in OWNERS for epoch in range(RUN_EPOCH + 1)
