@@ -265,28 +265,22 @@ class Holdings:
 
     def tombstone_many(self, tombstones: Tombstones) -> Deferred | None:
         """:meth:`tombstone` for many ids (a batch of acks) at once."""
-        now = self.clock.seconds()
-        for key in self.store.merge_tombstones(tombstones):
-            self.node.idempotency.released(key, now)
-        if self.recovered:
-            for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
-                del self.recovered[message_id]
-        if self.journal is not None:
-            return self.journal.tombstones(tombstones)
-        return None
-
-    def merge_tombstones(self, tombstones: Tombstones) -> Deferred | None:
-        """Union ``tombstones`` in (acks of our own messages take them out
-        of our queue); with ``--data-dir``, a Deferred that fires once they
-        are on disk."""
         written = None
         if self.journal is not None:
             written = self.journal.tombstones(tombstones)
         now = self.clock.seconds()
         for key in self.store.merge_tombstones(tombstones):
             self.node.idempotency.released(key, now)
-        for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
-            del self.recovered[message_id]
+        if self.recovered:
+            for message_id in [i for i in self.recovered if self.store.is_tombstoned(i)]:
+                del self.recovered[message_id]
+        return written
+
+    def merge_tombstones(self, tombstones: Tombstones) -> Deferred | None:
+        """Union ``tombstones`` in (acks of our own messages take them out
+        of our queue); with ``--data-dir``, a Deferred that fires once they
+        are on disk."""
+        written = self.tombstone_many(tombstones)
         self._apply_own_tombstones(tombstones)
         return written
 

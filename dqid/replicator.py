@@ -192,10 +192,7 @@ class Replicator:
         """:meth:`tombstone` for a batch of ids, as one set of tombstones."""
         tombstones = tombstones_of(message_ids)
         written = self.holdings.tombstone_many(tombstones)
-        if self._tombstones is None:
-            self._tombstones = Tombstones()
-            self._end_turn_later()
-        self._tombstones.merge(tombstones)
+        self._send_with_the_turn(tombstones)
         return written
 
     def confirm_tombstone(self, message_id: str, owner: Peer) -> Deferred:
@@ -212,11 +209,15 @@ class Replicator:
         written = self.holdings.merge_tombstones(tombstones)
         if written is not None:
             written.addErrback(lambda f: None)  # the Durability logs a failed disk
+        self._send_with_the_turn(tombstones)
+        return self._confirmation(owner)
+
+    def _send_with_the_turn(self, tombstones: Tombstones) -> None:
+        """``tombstones`` go to every peer with this turn's box."""
         if self._tombstones is None:
             self._tombstones = Tombstones()
             self._end_turn_later()
         self._tombstones.merge(tombstones)
-        return self._confirmation(owner)
 
     def _confirmation(self, owner: Peer) -> Deferred:
         """Fires True once ``owner`` confirms this turn's tombstones."""

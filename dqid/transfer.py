@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from . import amp_commands as cmd
 from .holdings import Holdings
 from .links import Links
-from .peers import Peer
+from .peers import Link, Peer
 from .readiness import Phase, Readiness
 from .replica import Record
 from .timings import Timings
@@ -36,6 +36,9 @@ from .wire import (
 
 SYNC_PAGE_BYTES = 1 << 20
 SYNC_PAGE_RECORDS = 2000
+# A summary of what a node has seen with more ranges than this (about a
+# megabyte) is not sent: the pull is a whole one.
+MAX_SEEN_RANGES = 50_000
 
 
 class Recovering(Protocol):
@@ -130,13 +133,8 @@ class StateTransfer:
             if link is None:
                 return
             serving = peer.serving
-            seen = None
-            if periodic and link.version >= cmd.SEEN_SUMMARIES and self.node.readiness.serving:
-                # Only what this node has not seen, or the owner's new word
-                # on a copy: a full pull when a peer comes up, a summary
-                # of what is held after that.
-                seen = encode_tombstones(self.holdings.seen())
-            start = await self.links.call(link, cmd.SyncStart, seen=seen)
+            start = await self.links.call(link, cmd.SyncStart,
+                                          seen=self._summary(link, periodic))
             written = self.holdings.merge_tombstones(decode_tombstones(start["tombstones"]))
             if written is not None:
                 written.addErrback(lambda f: None)  # the Durability logs a failed disk
@@ -166,6 +164,19 @@ class StateTransfer:
         log = self.log.debug if again else self.log.info
         log("synced {count} records from {peer}", count=count, peer=peer.node_id)
         self.maybe_finish_recovery()
+
+    def _summary(self, link: Link, periodic: bool) -> bytes | None:
+        """What this node has seen, for a periodic pull over ``link`` (the
+        peer then pages only what differs); None for a whole pull: when a
+        peer comes up, while this node is not serving, to a protocol 4
+        peer, or when the summary would be too long."""
+        if not (periodic and link.version >= cmd.SEEN_SUMMARIES
+                and self.node.readiness.serving):
+            return None
+        seen = self.holdings.seen()
+        if seen.range_count() > MAX_SEEN_RANGES:
+            return None
+        return encode_tombstones(seen)
 
     # -- serving a peer's pull -----------------------------------------------
 

@@ -26,6 +26,7 @@ from dqid.auth_commands import AuthChallenge, AuthProve
 from dqid.errors import NotReady, NotReplicated
 from dqid.handshake import DiallerHandshake
 from dqid.timings import DEFAULT_TIMINGS
+from dqid import transfer
 from dqid.holdings import Holdings
 
 DEAD_AFTER = DEFAULT_TIMINGS.dead_after
@@ -872,6 +873,17 @@ def test_a_periodic_pull_from_a_protocol_4_peer_is_a_full_one(make, pulled, monk
     pulled.clear()
     net.advance(ANTI_ENTROPY_INTERVAL + 2)
     # No summary on a protocol 4 link: every node pulls all it holds again.
+    assert sorted(pulled) == every_pull_of(ids)
+
+
+def test_a_summary_too_long_to_send_makes_the_pull_a_whole_one(make, pulled, monkeypatch):
+    net = make("abc")
+    net.start_all()
+    ids = [pushed_id(net, net["a"], b"a%d" % i) for i in range(3)]
+    # Every summary names a range at least (the node's own epoch).
+    monkeypatch.setattr(transfer, "MAX_SEEN_RANGES", 0)
+    pulled.clear()
+    net.advance(ANTI_ENTROPY_INTERVAL + 2)
     assert sorted(pulled) == every_pull_of(ids)
 
 
