@@ -508,11 +508,8 @@ class QueueNode:
         elsewhere: list[tuple[str, MessageId]] = []
         positions: list[int] = []
         own: list[str] = []  # this node's, acked here: told as one
-        queue = self.queue
-        fenced = self.readiness.fenced
         for position, message_id in enumerate(message_ids):
-            message = queue.get(message_id)  # our queue holds our ids only
-            if message is not None and message.state != PENDING and not fenced:
+            if self._acks_here(message_id):
                 self.apply_tombstone(message_id)
                 own.append(message_id)
                 acked[position] = True
@@ -546,8 +543,7 @@ class QueueNode:
         Deferred for the tombstone's disk write); else its parsed id, for
         the cluster to ack; else a failed Deferred (UnknownMessage,
         NotReady)."""
-        message = self.queue.get(message_id)  # our queue holds our ids only
-        if message is not None and message.state != PENDING and not self.readiness.fenced:
+        if self._acks_here(message_id):
             return self.ack_own(message_id)
         try:
             mid = parse_id(message_id)
@@ -558,6 +554,12 @@ class QueueNode:
         if self.remote is None:  # a pending message, or none: not ackable
             return fail(UnknownMessage(message_id))
         return mid
+
+    def _acks_here(self, message_id: str) -> bool:
+        """Whether this node's queue holds ``message_id``, accepted, and
+        the node may ack it (it is not fenced)."""
+        message = self.queue.get(message_id)  # our queue holds our ids only
+        return message is not None and message.state != PENDING and not self.readiness.fenced
 
     def ack_own(self, message_id: str) -> Deferred | None:
         """Ack a message of this node's queue and tell the holders: None,
