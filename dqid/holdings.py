@@ -289,11 +289,12 @@ class Holdings:
         queue = self.node.queue
         if not queue.depth:
             return
+        by_id = queue.by_id
         for (owner, epoch), ranges in tombstones.items():
             if owner != self.me:
                 continue
-            for message_id in matching_ids(queue, owner, epoch, ranges):
-                message = queue.get(message_id)
+            for message_id in matching_ids(by_id, owner, epoch, ranges):
+                message = by_id.get(message_id)
                 if message is not None and message.state != PENDING:
                     self.node.apply_tombstone(message_id)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 NODE_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 _B36_RE = re.compile(r"\A[0-9a-z]{1,13}\Z")
@@ -96,3 +96,29 @@ def parse_id(text: str) -> MessageId:
         raise ValueError(f"not a dqid message id: {text!r}")
     node, epoch, seq = match.groups()
     return MessageId(node, int(epoch, 36), int(seq, 36))
+
+
+# An id cut at its last dot: NODE.EPOCH, and SEQ (as in _ID_RE).
+_HEAD_RE = re.compile(r"\A([A-Za-z0-9_-]{1,64})\.(0|[1-9a-z][0-9a-z]{0,12})\Z")
+_SEQ_RE = re.compile(r"\A(?:0|[1-9a-z][0-9a-z]{0,12})\Z")
+
+
+def parse_ids(texts: Sequence[str]) -> list[MessageId | None]:
+    """:func:`parse_id` for a batch (an ack's ids), None for a text that is
+    not an id.  The ids of one owner and epoch share their ``NODE.EPOCH``
+    head, which is read once."""
+    heads: dict[str, tuple[str, int] | None] = {}
+    parsed: list[MessageId | None] = []
+    for text in texts:
+        head_text, _, seq = text.rpartition(".")
+        if head_text in heads:
+            head = heads[head_text]
+        else:
+            match = _HEAD_RE.match(head_text)
+            head = heads[head_text] = (
+                None if match is None else (match[1], int(match[2], 36)))
+        if head is None or _SEQ_RE.match(seq) is None:
+            parsed.append(None)
+        else:
+            parsed.append(MessageId(head[0], head[1], int(seq, 36)))
+    return parsed

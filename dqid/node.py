@@ -31,7 +31,7 @@ from . import __version__
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
 from .key_asks import KeyAsks, KeyRemote
-from .ids import MessageId, parse_id, to_base36
+from .ids import MessageId, parse_id, parse_ids, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
 from .replica import Record, tombstones_of
@@ -505,21 +505,25 @@ class QueueNode:
         messages together, so the acks for one owner settle as one."""
         acked = [False] * len(message_ids)
         waits: list[Deferred] = []
-        elsewhere: list[tuple[str, MessageId]] = []
-        positions: list[int] = []
         own: list[str] = []  # this node's, acked here: told as one
+        others: list[int] = []  # positions of the rest
+        queue, fenced = self.queue, self.readiness.fenced
         for position, message_id in enumerate(message_ids):
-            if self._acks_here(message_id):
+            message = queue.get(message_id)  # as _acks_here, for each id
+            if message is not None and message.state != PENDING and not fenced:
                 self.apply_tombstone(message_id)
                 own.append(message_id)
                 acked[position] = True
-                continue
-            target = self._ack_here(message_id)
-            if target is None:
-                acked[position] = True
-            elif isinstance(target, MessageId):
+            else:
+                others.append(position)
+        elsewhere: list[tuple[str, MessageId]] = []
+        positions: list[int] = []
+        mids = parse_ids([message_ids[position] for position in others])
+        for position, mid in zip(others, mids):
+            target = self._route_ack(message_ids[position], mid)
+            if isinstance(target, MessageId):
                 positions.append(position)
-                elsewhere.append((message_id, target))
+                elsewhere.append((message_ids[position], target))
             else:
                 waits.append(target.addCallbacks(
                     acked_at, unknown_at, callbackArgs=(acked, position),
@@ -540,14 +544,21 @@ class QueueNode:
 
     def _ack_here(self, message_id: str) -> Deferred | MessageId | None:
         """Ack ``message_id`` if this node's queue holds it (None, or a
-        Deferred for the tombstone's disk write); else its parsed id, for
-        the cluster to ack; else a failed Deferred (UnknownMessage,
-        NotReady)."""
+        Deferred for the tombstone's disk write); else what
+        :meth:`_route_ack` says."""
         if self._acks_here(message_id):
             return self.ack_own(message_id)
         try:
-            mid = parse_id(message_id)
+            mid: MessageId | None = parse_id(message_id)
         except ValueError:
+            mid = None
+        return self._route_ack(message_id, mid)
+
+    def _route_ack(self, message_id: str, mid: MessageId | None) -> Deferred | MessageId:
+        """For an id this node's queue does not hold (``mid``: its parsed
+        id, None if it is not one): the parsed id, for the cluster to ack;
+        else a failed Deferred (UnknownMessage, NotReady)."""
+        if mid is None:
             return fail(UnknownMessage(message_id))
         if mid.node == self.node_id and self.readiness.fenced:
             return fail(NotReady(self.readiness.refusal() or "fenced"))

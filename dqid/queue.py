@@ -22,7 +22,8 @@ import heapq
 import secrets
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from types import MappingProxyType
+from typing import Iterator, Mapping, Sequence
 
 PENDING = 0
 READY = 1
@@ -215,7 +216,7 @@ class WorkQueue:
                  "_ready_count", "_ready_stale", "_leases", "_lease_heap", "_leased",
                  "_pending", "_next_order", "_receipt_prefix", "_leases_given", "_held",
                  "_due_line", "_due_heap", "_delayed", "_pending_due", "_stamp",
-                 "changes")
+                 "changes", "by_id")
 
     def __init__(
         self,
@@ -233,6 +234,8 @@ class WorkQueue:
         self.counters = counters if counters is not None else Counters()
         self.max_deliveries = max_deliveries
         self._messages: dict[str, Message] = {}
+        # Every message held (any state), by id: a read-only view.
+        self.by_id: Mapping[str, Message] = MappingProxyType(self._messages)
         self._ready: deque[Message] = deque()
         self._ready_heap: list[Message] = []
         self._ready_count = 0

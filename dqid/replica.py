@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Container, Iterable, Iterator, Protocol
 
-from .ids import MessageId, format_id, parse_id, to_base36
+from .ids import MessageId, consecutive_ids, format_id, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
 
 
@@ -32,8 +32,8 @@ def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
         return [
             message_id
             for start, end in ranges.ranges()
-            for seq in range(start, end)
-            if (message_id := prefix + to_base36(seq)) in held
+            for message_id in consecutive_ids(prefix, start, end - start)
+            if message_id in held
         ]
     found = []
     for message_id in held:
@@ -394,13 +394,18 @@ class ReplicaStore:
                 return run.set_state(seq, deliveries, held, due)
         return False
 
-    def holds(self, message_id: str) -> bool:
-        """Whether a copy of ``message_id`` is held here (makes no Record)."""
+    def holds(self, message_id: str, mid: MessageId | None = None) -> bool:
+        """Whether a copy of ``message_id`` (parsed: ``mid``, when the
+        caller has it) is held here (makes no Record)."""
         owner = message_id.partition(".")[0]
         by_id = self._records.get(owner)
         if by_id is not None and message_id in by_id:
             return True
-        return owner in self._runs and self._run_holding(message_id)[0] is not None
+        if owner not in self._runs:
+            return False
+        if mid is None:
+            return self._run_holding(message_id)[0] is not None
+        return self._run_of(mid) is not None
 
     def footprint(self) -> tuple[int, int]:
         """How many records are held, and their bodies' bytes (a run's

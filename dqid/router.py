@@ -154,7 +154,7 @@ class Router:
                 if serving is None:
                     serving = linked[owner.node_id] = (
                         self.links.serving_link(owner) is not None)
-                if serving and store.holds(message_id):
+                if serving and store.holds(message_id, mid):
                     group = riding.get(owner.node_id)
                     if group is None:
                         group = riding[owner.node_id] = OwnerAcks(owner)

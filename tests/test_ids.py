@@ -21,6 +21,7 @@ from dqid.ids import (
     is_valid_node_id,
     node_id_from_hostname,
     parse_id,
+    parse_ids,
     to_base36,
 )
 
@@ -183,6 +184,36 @@ def test_parse_accepts_zero():
 
 def test_parse_takes_the_node_from_a_hyphenated_id():
     assert parse_id("node-a_1.z.10") == MessageId("node-a_1", 35, 36)
+
+
+def parsed_or_none(text: str) -> MessageId | None:
+    try:
+        return parse_id(text)
+    except ValueError:
+        return None
+
+
+# Texts near ids: ids, and ids cut, joined or with a character changed.
+id_texts = st.one_of(
+    st.builds(format_id, node_ids, numbers, numbers),
+    st.builds(lambda a, b: a + b, st.sampled_from(["n.1.", "n.0.", "n.01.", "a.b.", ".1.", "n.1"]),
+              st.text(alphabet=string.digits + "abcxyzAZ_-.+ é", max_size=15)),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(id_texts, max_size=30))
+def test_parse_ids_reads_a_batch_as_parse_id_reads_each(texts):
+    """A batch (an ack's ids, many sharing a head) parses exactly as each
+    id alone: the same ids, and None for every text parse_id refuses."""
+    assert parse_ids(texts) == [parsed_or_none(text) for text in texts]
+
+
+@pytest.mark.parametrize("text", ["n.01.1", "n.1.01", "n.1.Z", "n.1.1 ", "a.b.1.1", "n.1.", ""])
+def test_parse_ids_refuses_what_parse_id_refuses_beside_a_good_id(text):
+    assert parse_ids(["n.1.1", text, "n.1.2"]) == [
+        MessageId("n", 1, 1), None, MessageId("n", 1, 2)]
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dqid.ids import format_id, parse_id
+from dqid.ids import MessageId, format_id, parse_id
 from dqid.replica import Record, ReplicaStore, Run, tombstones_of
 from dqid.tombstones import Tombstones
 from dqid.wire import encode_records, scan_run
@@ -167,9 +167,11 @@ def check(store: ReplicaStore, model: Model) -> None:
     for message_id in model.gone:
         assert store.is_tombstoned(message_id)
         assert not store.holds(message_id)
+        assert not store.holds(message_id, parse_id(message_id))  # (parsed by the caller)
         assert store.get(message_id) is None
     for message_id in live:
         assert store.holds(message_id)
+        assert store.holds(message_id, parse_id(message_id))
     for got in store.records():
         key = parse_id(got.id)
         assert (got.body, got.content_type, got.key) == (
@@ -407,7 +409,9 @@ def test_a_run_holds_its_records_as_the_bytes_they_came_in():
                                           for s in range(1, 101)))
     assert store.epochs == {"a": RUN_EPOCH}
     assert store.holds(format_id("a", RUN_EPOCH, 50))
+    assert store.holds(format_id("a", RUN_EPOCH, 50), MessageId("a", RUN_EPOCH, 50))
     assert not store.holds(format_id("a", RUN_EPOCH, 101))
+    assert not store.holds(format_id("a", RUN_EPOCH, 101), MessageId("a", RUN_EPOCH, 101))
     assert not store.holds(format_id("a", RUN_EPOCH - 1, 50))
     assert not store.holds("a.not-an-id")
     assert store.get("a.not-an-id") is None
