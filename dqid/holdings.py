@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from .amp_commands import StaleEpoch
 from .idempotency import body_digest
-from .ids import MessageId, format_id, parse_id
+from .ids import MessageId, id_prefix, parse_id
 from .queue import PENDING, READY, Message
 from .readiness import Readiness
 from .replica import Record, ReplicaStore, Run, matching_ids
@@ -211,7 +211,7 @@ class Holdings:
         """This node's accepted messages, but those ``seen`` names that
         are ready and were never delivered."""
         me, epoch = self.me, self.node.epoch
-        prefix = format_id(me, epoch, 0)[:-1]  # "ME.EPOCH.", spelt once
+        prefix = id_prefix(me, epoch)
         cut = len(prefix)
         current = seen.of(me, epoch)
         unseen: list[Record | Message] = [*self.recovered.values()]
@@ -238,7 +238,7 @@ class Holdings:
         seen = self.store.seen()
         me, epoch = self.me, self.node.epoch
         seen.add_range(me, epoch, 0, MAX_SEQ + 1)
-        prefix = format_id(me, epoch, 0)[:-1]
+        prefix = id_prefix(me, epoch)
         for message in self.node.queue.messages():
             if not message.id.startswith(prefix):
                 seen.add(*parse_id(message.id))

@@ -77,6 +77,12 @@ def format_id(node: str, epoch: int, seq: int) -> str:
     return f"{node}.{to_base36(epoch)}.{to_base36(seq)}"
 
 
+def id_prefix(node: str, epoch: int) -> str:
+    """``NODE.EPOCH.``: what every id ``node`` mints in ``epoch`` starts
+    with (an id is its prefix and its seq in base 36)."""
+    return f"{node}.{to_base36(epoch)}."
+
+
 # NODE.EPOCH.SEQ, EPOCH and SEQ with one spelling each: no leading zeros, so
 # copies of an id never diverge.
 _ID_RE = re.compile(

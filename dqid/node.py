@@ -31,7 +31,7 @@ from . import __version__
 from .errors import NotReady, NotReplicated
 from .idempotency import IdempotencyIndex, body_digest
 from .key_asks import KeyAsks, KeyRemote
-from .ids import MessageId, parse_id, parse_ids, to_base36
+from .ids import MessageId, id_prefix, parse_id, parse_ids, to_base36
 from .queue import PENDING, Message, UnknownMessage, WorkQueue
 from .readiness import Readiness
 from .replica import Record, tombstones_of
@@ -229,7 +229,7 @@ class QueueNode:
         prefix, epoch = self._id_prefix
         if epoch != self.epoch:
             prefix, epoch = self._id_prefix = (
-                f"{self.node_id}.{to_base36(self.epoch)}.", self.epoch)
+                id_prefix(self.node_id, self.epoch), self.epoch)
         return prefix + to_base36(self._seq)
 
     def accepted_messages(self) -> list[Message]:

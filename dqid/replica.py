@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Container, Iterable, Iterator, Protocol
 
-from .ids import MessageId, consecutive_ids, format_id, parse_id, to_base36
+from .ids import MessageId, consecutive_ids, id_prefix, parse_id, to_base36
 from .tombstones import RangeSet, Tombstones
 
 
@@ -28,7 +28,7 @@ def matching_ids(held: Container[str] | dict, owner: str, epoch: int,
                  ranges: RangeSet) -> list[str]:
     """The ids in ``held`` (owner's ids) that ``ranges`` of ``epoch`` cover."""
     if len(ranges) <= len(held):
-        prefix = format_id(owner, epoch, 0)[:-1]  # "OWNER.EPOCH.", spelt once
+        prefix = id_prefix(owner, epoch)
         return [
             message_id
             for start, end in ranges.ranges()

@@ -24,7 +24,7 @@ from math import copysign
 from sys import intern
 from typing import Any, Iterable, Mapping
 
-from .ids import MessageId, is_valid_node_id, parse_id, to_base36
+from .ids import MessageId, id_prefix, is_valid_node_id, parse_id, to_base36
 from .replica import MessageLike, Record, Run
 from .tombstones import Tombstones
 
@@ -184,7 +184,7 @@ def scan_run(data: bytes, min_records: int = RUN_MIN_RECORDS) -> Run | None:
         if ct_len != _NONE:
             ct = data[size + id_len:size + id_len + ct_len]
             content_type = intern(ct.decode("utf-8"))
-        prefix = f"{first.node}.{to_base36(first.epoch)}.".encode("ascii")
+        prefix = id_prefix(first.node, first.epoch).encode("ascii")
         seq = first.seq
         digits = len(to_base36(seq))
         wanted_id_len = len(prefix) + digits
@@ -299,7 +299,7 @@ def decode_run(data: bytes) -> Run:
     places = array(_LENGTH_CODE, bytes(8 * count))
     places[0::2] = starts[:-1]
     places[1::2] = starts[1:]
-    prefix = f"{first.node}.{to_base36(first.epoch)}."
+    prefix = id_prefix(first.node, first.epoch)
     return Run(prefix, first.epoch, first.seq, data, places, content_type, packed=True)
 
 

@@ -18,6 +18,7 @@ from dqid.ids import (
     MessageId,
     consecutive_ids,
     format_id,
+    id_prefix,
     is_valid_node_id,
     node_id_from_hostname,
     parse_id,
@@ -184,6 +185,11 @@ def test_parse_accepts_zero():
 
 def test_parse_takes_the_node_from_a_hyphenated_id():
     assert parse_id("node-a_1.z.10") == MessageId("node-a_1", 35, 36)
+
+
+@given(node_ids, numbers, numbers)
+def test_an_id_is_its_prefix_and_its_seq(node, epoch, seq):
+    assert id_prefix(node, epoch) + to_base36(seq) == format_id(node, epoch, seq)
 
 
 def parsed_or_none(text: str) -> MessageId | None:
