@@ -199,18 +199,17 @@ class Replicator:
         """Ack a message of peer ``owner`` here (a tombstone, sent with this
         turn's box to every peer): fires True once ``owner`` has it (on
         disk, with ``--data-dir``), False if that cannot be known (the
-        tombstone reaches it later)."""
-        self.tombstone(message_id)
-        return self._confirmation(owner)
+        tombstone written here reaches it later; with ``--data-dir``, False
+        once the tombstone is on this node's disk)."""
+        written = self.tombstone(message_id)
+        return self._confirmation(owner, written)
 
     def confirm_tombstones(self, tombstones: Tombstones, owner: Peer) -> Deferred:
         """Ack messages of peer ``owner`` here, together: as
         :meth:`confirm_tombstone`, one confirmation for them all."""
         written = self.holdings.merge_tombstones(tombstones)
-        if written is not None:
-            written.addErrback(lambda f: None)  # the Durability logs a failed disk
         self._send_with_the_turn(tombstones)
-        return self._confirmation(owner)
+        return self._confirmation(owner, written)
 
     def _send_with_the_turn(self, tombstones: Tombstones) -> None:
         """``tombstones`` go to every peer with this turn's box."""
@@ -219,11 +218,23 @@ class Replicator:
             self._end_turn_later()
         self._tombstones.merge(tombstones)
 
-    def _confirmation(self, owner: Peer) -> Deferred:
-        """Fires True once ``owner`` confirms this turn's tombstones."""
+    def _confirmation(self, owner: Peer, written: Deferred | None) -> Deferred:
+        """Fires True once ``owner`` confirms this turn's tombstones; if it
+        cannot, False once ``written`` (their write to this node's disk)
+        is done, since only this node's copy of them is sure to last (it
+        fails if that write failed)."""
         confirmed: Deferred = Deferred()
         self._lanes[owner.node_id].confirmations.append(confirmed)
-        return confirmed
+        if written is None:
+            return confirmed
+
+        def kept(owner_has_them: bool) -> Deferred | bool:
+            if owner_has_them:  # on the owner's disk: this write is a spare
+                written.addErrback(lambda f: None)  # the Durability logs a failed disk
+                return True
+            return written.addCallback(lambda _: False)
+
+        return confirmed.addCallback(kept)
 
     def states_changed(self, changed: list[Message]) -> None:
         """The node's ``changed`` messages changed state (the node gathers

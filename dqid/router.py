@@ -119,8 +119,8 @@ class Router:
         (fails with UnknownMessage when nobody here knows it)."""
         if mid.node == self.links.me:
             if message_id in self.holdings.recovered:
-                self.replicator.tombstone(message_id)
-                return succeed(None)
+                written = self.replicator.tombstone(message_id)  # (on disk, once it fires)
+                return succeed(None) if written is None else written
             return fail(UnknownMessage(message_id))
         owner = self.links.peers.get(mid.node)
         if owner is None or self.holdings.is_tombstoned(message_id):
@@ -174,17 +174,21 @@ class Router:
         return gatherResults(waits, consumeErrors=True).addCallbacks(
             lambda _: answers, first_error)
 
-    def _forwarded(self, acked: bool, message_id: str) -> None:
-        if acked:
-            self.holdings.tombstone(message_id)  # the owner replicates it
-        else:
-            self._tombstone_here(message_id)
+    def _forwarded(self, acked: bool, message_id: str) -> Deferred | None:
+        if acked:  # on the owner's disk, and it replicates it
+            written = self.holdings.tombstone(message_id)
+            if written is not None:
+                written.addErrback(lambda f: None)  # the Durability logs a failed disk
+            return None
+        return self._tombstone_here(message_id)
 
-    def _tombstone_here(self, message_id: str) -> None:
-        """The owner did not take the ack: a replica's copy is acked here."""
+    def _tombstone_here(self, message_id: str) -> Deferred | None:
+        """The owner did not take the ack: a replica's copy is acked here,
+        and with ``--data-dir`` the Deferred fires once that is on disk
+        here (until the owner has it, this node's disk is where it lasts)."""
         if not self.holdings.store.holds(message_id):
             raise UnknownMessage(message_id)
-        self.replicator.tombstone(message_id)
+        return self.replicator.tombstone(message_id)
 
     def _forward_ack(self, owner: Peer, message_id: str) -> Deferred:
         """Fires True if ``owner`` acked ``message_id``, False if it did not

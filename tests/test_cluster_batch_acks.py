@@ -10,8 +10,11 @@ AMP harness (iosim, a Clock).
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
+
 from dqid import amp_commands as cmd
 from dqid.amp_protocol import PeerProtocol
+from dqid.datadir import DiskFailed
 from dqid.errors import NotReady
 from dqid.ids import format_id
 from dqid.replica import Record
@@ -133,3 +136,100 @@ def test_a_fenced_node_refuses_a_batch_with_its_own_ids(make):
     own = push_batch(net, b)[:2]
     b.node.readiness.set(Phase.FENCED, "a newer epoch of b serves")
     failureResultOf(b.node.ack_many(own), NotReady)
+
+
+# -- with --data-dir: an ack the owner cannot confirm waits for this node's disk ------------------
+
+
+class SlowDisk:
+    """The acking node's journal, as Holdings writes tombstones to it: each
+    write is done only when the test says (``done``)."""
+
+    def __init__(self) -> None:
+        self.writes: list[Deferred] = []
+
+    def _write(self, *_: object) -> Deferred:
+        written: Deferred = Deferred()
+        self.writes.append(written)
+        return written
+
+    tombstone = tombstones = _write
+
+    def done(self) -> None:
+        for written in self.writes:
+            if not written.called:
+                written.callback(None)
+
+
+def on_slow_disk(member) -> SlowDisk:
+    disk = SlowDisk()
+    member.cluster.holdings.journal = disk
+    return disk
+
+
+def acked_as_the_owner_is_lost(make, ack) -> tuple[Deferred, SlowDisk]:
+    """``ack(b, ids of a)`` on b, on a slow disk; a is lost before it
+    confirms."""
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    ids = push_batch(net, a)
+    disk = on_slow_disk(b)
+    d = ack(b, ids)
+    net.cut("a")
+    net.settle()
+    assert disk.writes
+    return d, disk
+
+
+def test_a_batch_ack_the_owner_cannot_confirm_waits_for_this_nodes_disk(make):
+    """The owner is lost before it confirms: the tombstones written here
+    are all that lasts until it comes back, so with --data-dir the answer
+    waits until they are on this node's disk (nothing answered comes back
+    after a power cut)."""
+    d, disk = acked_as_the_owner_is_lost(make, lambda b, ids: b.node.ack_many(ids[:5]))
+    assertNoResult(d)
+    disk.done()
+    assert successResultOf(d) == [True] * 5
+
+
+def test_one_ack_the_owner_cannot_confirm_waits_for_this_nodes_disk(make):
+    d, disk = acked_as_the_owner_is_lost(make, lambda b, ids: b.node.ack(ids[0]))
+    assertNoResult(d)
+    disk.done()
+    assert successResultOf(d) is None
+
+
+def test_a_failed_disk_fails_an_ack_the_owner_could_not_confirm(make):
+    d, disk = acked_as_the_owner_is_lost(make, lambda b, ids: b.node.ack_many(ids[:5]))
+    for written in disk.writes:
+        written.errback(DiskFailed("no space left on device"))
+    failureResultOf(d, DiskFailed)
+
+
+def test_a_batch_ack_the_owner_confirmed_does_not_wait_for_this_nodes_disk(make):
+    net = make("abc")
+    a, b, c = net.start_all()
+    ids = push_batch(net, a)
+    assert take_all(net, b, COUNT) == ids
+    disk = on_slow_disk(b)
+    d = b.node.ack_many(ids)
+    net.settle()
+    assert disk.writes  # still writing here, but the owner has them on its own disk
+    assert successResultOf(d) == [True] * COUNT
+    disk.done()
+
+
+def test_an_ack_while_the_owner_is_down_waits_for_this_nodes_disk(make):
+    net = make("abc", min_copies=2)
+    a, b, c = net.start_all()
+    ids = push_batch(net, a)
+    net.cut("a")
+    net.settle()
+    disk = on_slow_disk(b)
+    one, batch = b.node.ack(ids[0]), b.node.ack_many(ids[1:4])
+    net.settle()
+    assertNoResult(one)
+    assertNoResult(batch)
+    disk.done()
+    assert successResultOf(one) is None
+    assert successResultOf(batch) == [True] * 3
