@@ -36,6 +36,7 @@ class WorkloadConfig:
     poison_rate: float = 0.0  # share of messages every worker nacks (never acks)
     max_seconds: float = 60.0
     batch_size: int = 1  # above 1: POST /push/batch of that many, no keys, no retries
+    take_count: int = 1  # above 1: GET /get?count=K, and one POST /ack with what is done
 
 
 @dataclass
@@ -54,7 +55,9 @@ class Workload:
         self.errors: list[str] = []
         self.push_timeouts = 0  # pushes with no answer (retried if keyed)
         self.batches_created = 0  # batch pushes answered 201
-        self.answered_204: set[str] = set()  # tokens whose ack was answered 204
+        # Tokens whose ack was answered done: 204, or listed as acked by a
+        # batch ack's 200.
+        self.answered_204: set[str] = set()
         self.held_tokens: list[str] = []  # found held at the end (settle_held)
         # Set while a fault may undo withdrawals: a 503 then counts as
         # indeterminate (see refusals_unsure).
@@ -209,34 +212,66 @@ class Workload:
     # -- consumers -----------------------------------------------------------
 
     def _consume(self, rng: random.Random) -> None:
+        count = self.config.take_count
         while self._running():
             reply = self._request(
-                "GET", f"/get?wait=1&visibility={self.config.visibility}",
+                "GET", f"/get?wait=1&visibility={self.config.visibility}"
+                       + (f"&count={count}" if count > 1 else ""),
                 timeout=self.config.request_timeout + 1.0,  # the long poll's wait
             )
             if reply is None or reply[0] != 200:
                 if reply is not None and reply[0] == 204 and self.producers_done():
                     time.sleep(0.1)
                 continue
-            headers = {k.lower(): v for k, v in reply[1].items()}
-            message_id = headers["dqid-id"]
-            token = reply[2].decode()
-            self.checker.delivered(token, message_id)
-            if rng.random() < self.config.crash_rate:
-                continue  # a worker that took the lease and died
-            if token.startswith("poison-"):  # it fails every time: give it back
-                receipt = headers["dqid-receipt"]
-                self._request("POST", f"/nack/{message_id}?receipt={receipt}")
-                continue
-            for _ in range(5):
-                ack = self._request("POST", f"/ack/{message_id}")
-                if ack is not None and ack[0] in (204, 404):
+            if count > 1:
+                taken = [(m["id"], m["body"], m["receipt"])
+                         for m in json.loads(reply[2])["messages"]]
+            else:
+                headers = {k.lower(): v for k, v in reply[1].items()}
+                taken = [(headers["dqid-id"], reply[2].decode(), headers["dqid-receipt"])]
+            done: list[tuple[str, str]] = []
+            for message_id, token, receipt in taken:
+                self.checker.delivered(token, message_id)
+                if rng.random() < self.config.crash_rate:
+                    continue  # a worker that took the lease and died
+                if token.startswith("poison-"):  # it fails every time: give it back
+                    self._request("POST", f"/nack/{message_id}?receipt={receipt}")
+                    continue
+                done.append((message_id, token))
+            if count > 1:
+                self._ack_batch(done)
+            elif done:
+                self._ack(*done[0])
+
+    def _ack(self, message_id: str, token: str) -> None:
+        """POST /ack/ID, tried again while its answer is unknown."""
+        for _ in range(5):
+            ack = self._request("POST", f"/ack/{message_id}")
+            if ack is not None and ack[0] in (204, 404):
+                self.checker.acked(token, message_id)
+                if ack[0] == 204:
+                    with self._lock:
+                        self.answered_204.add(token)
+                break
+            time.sleep(0.2)
+
+    def _ack_batch(self, done: list[tuple[str, str]]) -> None:
+        """One POST /ack with the ids of ``done``, tried again while its
+        answer is unknown; each id listed as acked counts as a 204."""
+        if not done:
+            return
+        body = json.dumps({"ids": [message_id for message_id, _ in done]}).encode()
+        for _ in range(5):
+            reply = self._request("POST", "/ack", body, {"Content-Type": "application/json"})
+            if reply is not None and reply[0] == 200:
+                acked = set(json.loads(reply[2])["acked"])
+                for message_id, token in done:
                     self.checker.acked(token, message_id)
-                    if ack[0] == 204:
+                    if message_id in acked:
                         with self._lock:
                             self.answered_204.add(token)
-                    break
-                time.sleep(0.2)
+                return
+            time.sleep(0.2)
 
     # -- the end -------------------------------------------------------------
 
