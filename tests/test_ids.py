@@ -199,7 +199,7 @@ def parsed_or_none(text: str) -> MessageId | None:
         return None
 
 
-# Texts near ids: ids, and ids cut, joined or with a character changed.
+# Texts near ids: ids, heads of ids (good and bad) followed by anything, and any text.
 id_texts = st.one_of(
     st.builds(format_id, node_ids, numbers, numbers),
     st.builds(lambda a, b: a + b, st.sampled_from(["n.1.", "n.0.", "n.01.", "a.b.", ".1.", "n.1"]),
